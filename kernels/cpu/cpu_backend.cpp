@@ -51,6 +51,15 @@ class CpuBackend final : public Backend {
   void copy_to_host(void* dst, const void* src, size_t bytes) override { if (bytes) std::memcpy(dst, src, bytes); }
   void copy_within(void* dst, const void* src, size_t bytes) override { if (bytes) std::memmove(dst, src, bytes); }
   void synchronize() override {}
+  void convert(const void* src, DType src_dtype, void* dst, DType dst_dtype, size_t count) override {
+    if (src_dtype == dst_dtype) {
+      if (count) std::memmove(dst, src, count * dtype_size(src_dtype));
+      return;
+    }
+    if (src_dtype == DType::kF32) return convert_from_f32(static_cast<const float*>(src), dst_dtype, dst, count);
+    UNS_CHECK(dst_dtype == DType::kF32, "convert: {} -> {} unsupported", dtype_name(src_dtype), dtype_name(dst_dtype));
+    convert_to_f32(src_dtype, src, static_cast<float*>(dst), count);
+  }
 
   void compress_query(const CompressQueryParams& p) override {
     p.check();

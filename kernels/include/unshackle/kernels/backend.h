@@ -45,6 +45,8 @@ class Backend {
   virtual void copy_to_host(void* host_dst, const void* src, size_t bytes) = 0;
   virtual void copy_within(void* dst, const void* src, size_t bytes) = 0;
   virtual void synchronize() = 0;
+  // Element-wise dtype conversion within backend memory (F32 <-> BF16/F16, or a copy).
+  virtual void convert(const void* src, DType src_dtype, void* dst, DType dst_dtype, size_t count) = 0;
 
   // The operations of SPEC §3-§5; see params.h for shapes and meaning.
   virtual void compress_query(const CompressQueryParams& p) = 0;
