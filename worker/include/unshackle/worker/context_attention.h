@@ -1,0 +1,101 @@
+// One context's attention on one rank, across all layers (SPEC §7): the rank's KV shard
+// (K, V, k' of the tokens it owns, plus the halo k'), and the distributed layer step that
+// turns a chunk's q, k, v into the attention output. Every rank of a group holds one
+// ContextAttention per context and calls it with identical (replicated) inputs.
+//
+//   request → coordinator → worker → [ContextAttention::forward]
+//     → kernels (score, top-k, attend) → collectives (gather candidates, merge partials)
+//     → o, identical on every rank.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "unshackle/cluster/communicator.h"
+#include "unshackle/kernels/attention_config.h"
+#include "unshackle/kernels/backend.h"
+#include "unshackle/worker/kv_shard.h"
+
+namespace unshackle {
+
+// ESA compression weights for every layer (SPEC §6), host float32.
+struct CompressionWeights {
+  int d_c = 0;                           // d'
+  std::vector<std::vector<float>> wq;    // [layers][d_c * H*d]
+  std::vector<std::vector<float>> wk;    // [layers][d_c * G*d]
+};
+
+struct ContextAttentionOptions {
+  AttentionConfig attention;
+  int layers = 0, H = 0, G = 0, d = 0;
+  DType kv_dtype = DType::kF32;            // storage of K, V and k'
+  int64_t kv_block = 256;                  // SPEC §7 placement block (tokens)
+  std::vector<float> inv_freq;             // [d/2] RoPE frequencies (with rope_scaling)
+  const CompressionWeights* compression = nullptr;  // required by esa/block; may be null otherwise
+  int64_t max_tokens = 0;                  // capacity of the context (0: unbounded); beyond it -> Error(kCapacity)
+};
+
+// What one layer step did, for tests, the case tool and metrics.
+struct LayerStepStats {
+  std::vector<int64_t> selected;    // global M_k, ascending
+  std::vector<int64_t> evicted;     // tokens this step evicted (ascending)
+  int64_t attended_local_rows = 0;  // rows this rank attended (global + local part)
+  double collective_seconds = 0;    // wall time inside communicator calls
+};
+
+class ContextAttention {
+ public:
+  ContextAttention(Backend& backend, Communicator& comm, ContextAttentionOptions options);
+  ~ContextAttention();
+  ContextAttention(const ContextAttention&) = delete;
+  ContextAttention& operator=(const ContextAttention&) = delete;
+
+  // One layer of the current chunk: appends the chunk's k, v (pre-RoPE) to this rank's
+  // shard, applies LagKV eviction due at this step, selects, attends and merges across ranks.
+  // q [l_C, H, d], k and v [l_C, G, d], o [l_C, H, d]: float32 in the backend's memory space.
+  // Tokens of the chunk are [length(), length() + l_C).
+  void forward(int layer, const float* q, const float* k, const float* v, int64_t l_C, float* o);
+  // Appends n tokens of K, V (pre-RoPE, [n, G, d] float32, backend memory) for `layer`
+  // without attending: a context whose KV was computed elsewhere (the case file's prefix).
+  void load_kv(int layer, const float* k, const float* v, int64_t n);
+  // After every layer has run (or loaded) the chunk: the chunk becomes part of the context.
+  void commit_chunk(int64_t l_C);
+
+  int64_t length() const { return length_; }
+  const LayerStepStats& last_stats(int layer) const { return stats_.at(static_cast<size_t>(layer)); }
+  const KvShard& shard() const { return *shard_; }
+  const ContextAttentionOptions& options() const { return options_; }
+
+ private:
+  void append_chunk(int layer, int64_t l_C, const float* k, const float* v);
+  void evict_due(int layer, const Segments& seg, LayerStepStats& stats);
+  std::vector<int64_t> select_tokens(int layer, const Segments& seg, const float* q, LayerStepStats& stats);
+  std::vector<int64_t> select_blocks(int layer, const Segments& seg, const float* F, int64_t s_begin, int64_t n_s,
+                                     LayerStepStats& stats);
+  void attend_and_merge(int layer, const Segments& seg, const float* q, const std::vector<int64_t>& selected_mine,
+                        float* o, LayerStepStats& stats);
+  // Collectives on buffers in backend memory (staged through the communicator's memory when it differs).
+  void all_reduce(void* data, size_t count, DType dtype, ReduceOp op, LayerStepStats& stats);
+  void all_gather(const void* send, void* recv, size_t bytes_per_rank, LayerStepStats& stats);
+  // The same on host buffers.
+  void all_reduce_host(void* data, size_t count, DType dtype, ReduceOp op, LayerStepStats& stats);
+  void all_gather_host(const void* send, void* recv, size_t bytes_per_rank, LayerStepStats& stats);
+  BackendBuffer& scratch(int slot, size_t bytes);
+
+  Backend& backend_;
+  Communicator& comm_;
+  ContextAttentionOptions options_;
+  std::unique_ptr<KvShard> shard_;
+  std::vector<BackendBuffer> wq_, wk_;  // per layer, backend memory
+  BackendBuffer inv_freq_;
+  std::unique_ptr<Backend> host_ops_;     // CPU ops on small host arrays, identical on every rank
+  std::vector<LayerStepStats> stats_;
+  std::vector<BackendBuffer> scratch_;
+  std::vector<int64_t> layer_length_;     // tokens appended per layer
+  std::vector<int64_t> lag_done_;         // LagKV partitions already scored, per layer
+  std::vector<int64_t> evicted_count_;    // tokens evicted so far, per layer (all lie in M)
+  int64_t length_ = 0;
+};
+
+}  // namespace unshackle

@@ -1,0 +1,482 @@
+// The distributed layer step of SPEC §7, top to bottom:
+//   [1] append the chunk's K, V and scoring keys to their owners (and halos)
+//   [2] LagKV: score partitions that just became evictable, evict, free rows
+//   [3] select: score owned M rows, MAX all-reduce of per-query maxima (l_C > 1),
+//       proximity, local top-k, all-gather candidates, the same global top-k on every rank
+//   [4] attend: partial attention over owned rows of I ∪ M_k (global) and L ∪ C (local),
+//       all-gather the (o, lse) partials, LSE merge: the same o on every rank.
+#include "unshackle/worker/context_attention.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#include "unshackle/common/check.h"
+
+namespace unshackle {
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+enum ScratchSlot : int {
+  kScoreKeys, kQueryCompressed, kRowMax, kScores, kProximity, kCandidates, kGathered, kGlobalRows,
+  kParts, kSend, kMergeParts, kLagExtrema, kLagStd, kStage, kSlotCount
+};
+
+const unsigned char* bytes_at(const BackendBuffer& buffer, size_t offset) {
+  return static_cast<const unsigned char*>(buffer.data()) + offset;
+}
+
+class CollectiveTimer {
+ public:
+  explicit CollectiveTimer(double& total) : total_(total), start_(std::chrono::steady_clock::now()) {}
+  ~CollectiveTimer() { total_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count(); }
+
+ private:
+  double& total_;
+  std::chrono::steady_clock::time_point start_;
+};
+
+}  // namespace
+
+ContextAttention::ContextAttention(Backend& backend, Communicator& comm, ContextAttentionOptions options)
+    : backend_(backend), comm_(comm), options_(std::move(options)), host_ops_(make_cpu_backend()) {
+  const AttentionConfig& cfg = options_.attention;
+  cfg.validate(options_.H, options_.G);
+  UNS_CHECK(options_.layers > 0 && options_.d > 0 && options_.d % 2 == 0, "ContextAttention: bad model shape");
+  UNS_CHECK(static_cast<int>(options_.inv_freq.size()) == options_.d / 2, "inv_freq: expected {} values, got {}",
+            options_.d / 2, options_.inv_freq.size());
+  UNS_CHECK(!(comm_.memory_space() == MemorySpace::kDevice && backend_.memory_space() == MemorySpace::kHost),
+            "communicator '{}' needs device buffers but backend '{}' works on host memory", comm_.name(),
+            backend_.name());
+  int d_c = 0;
+  if (cfg.mode == AttentionMode::kExactTopk) {
+    d_c = options_.G * options_.d;
+  } else if (cfg.needs_compression()) {
+    const CompressionWeights* cw = options_.compression;
+    UNS_CHECK(cw != nullptr, "mode {} needs ESA compression weights (SPEC §6 file); none were given",
+              mode_name(cfg.mode));
+    UNS_CHECK(cw->d_c > 0 && static_cast<int>(cw->wq.size()) == options_.layers &&
+                  static_cast<int>(cw->wk.size()) == options_.layers,
+              "compression weights: expected {} layers with d' > 0", options_.layers);
+    d_c = cw->d_c;
+    const size_t wq_size = static_cast<size_t>(d_c) * options_.H * options_.d;
+    const size_t wk_size = static_cast<size_t>(d_c) * options_.G * options_.d;
+    for (int l = 0; l < options_.layers; ++l) {
+      UNS_CHECK(cw->wq[static_cast<size_t>(l)].size() == wq_size && cw->wk[static_cast<size_t>(l)].size() == wk_size,
+                "compression weights of layer {}: wq must be [{}, {}] and wk [{}, {}]", l, d_c, options_.H * options_.d,
+                d_c, options_.G * options_.d);
+      wq_.emplace_back(backend_, wq_size * sizeof(float));
+      wk_.emplace_back(backend_, wk_size * sizeof(float));
+      backend_.copy_to_backend(wq_.back().data(), cw->wq[static_cast<size_t>(l)].data(), wq_size * sizeof(float));
+      backend_.copy_to_backend(wk_.back().data(), cw->wk[static_cast<size_t>(l)].data(), wk_size * sizeof(float));
+    }
+  }
+  shard_ = std::make_unique<KvShard>(
+      backend_, KvShardOptions{.layers = options_.layers, .G = options_.G, .d = options_.d, .d_c = d_c,
+                               .kv_dtype = options_.kv_dtype, .rank = comm_.rank(), .ranks = comm_.size(),
+                               .kv_block = options_.kv_block, .eps = cfg.eps});
+  inv_freq_ = BackendBuffer(backend_, options_.inv_freq.size() * sizeof(float));
+  backend_.copy_to_backend(inv_freq_.data(), options_.inv_freq.data(), options_.inv_freq.size() * sizeof(float));
+  const auto layers = static_cast<size_t>(options_.layers);
+  stats_.resize(layers);
+  layer_length_.assign(layers, 0);
+  lag_done_.assign(layers, 0);
+  evicted_count_.assign(layers, 0);
+  scratch_.resize(kSlotCount);
+}
+
+ContextAttention::~ContextAttention() = default;
+
+BackendBuffer& ContextAttention::scratch(int slot, size_t bytes) {
+  BackendBuffer& buffer = scratch_.at(static_cast<size_t>(slot));
+  if (buffer.bytes() < bytes) buffer = BackendBuffer(backend_, std::max(bytes, 2 * buffer.bytes()));
+  return buffer;
+}
+
+// ---------------------------------------------------------------------------------------
+// Collectives (stage through host memory when backend and communicator memory differ)
+
+void ContextAttention::all_reduce(void* data, size_t count, DType dtype, ReduceOp op, LayerStepStats& stats) {
+  CollectiveTimer timer(stats.collective_seconds);
+  if (comm_.memory_space() == backend_.memory_space()) return comm_.all_reduce(data, data, count, dtype, op);
+  std::vector<unsigned char> host(count * dtype_size(dtype));
+  backend_.copy_to_host(host.data(), data, host.size());
+  comm_.all_reduce(host.data(), host.data(), count, dtype, op);
+  backend_.copy_to_backend(data, host.data(), host.size());
+}
+
+void ContextAttention::all_gather(const void* send, void* recv, size_t bytes_per_rank, LayerStepStats& stats) {
+  CollectiveTimer timer(stats.collective_seconds);
+  if (comm_.memory_space() == backend_.memory_space()) return comm_.all_gather(send, recv, bytes_per_rank);
+  std::vector<unsigned char> host_send(bytes_per_rank), host_recv(bytes_per_rank * static_cast<size_t>(comm_.size()));
+  backend_.copy_to_host(host_send.data(), send, bytes_per_rank);
+  comm_.all_gather(host_send.data(), host_recv.data(), bytes_per_rank);
+  backend_.copy_to_backend(recv, host_recv.data(), host_recv.size());
+}
+
+void ContextAttention::all_reduce_host(void* data, size_t count, DType dtype, ReduceOp op, LayerStepStats& stats) {
+  if (comm_.memory_space() == MemorySpace::kHost) {
+    CollectiveTimer timer(stats.collective_seconds);
+    return comm_.all_reduce(data, data, count, dtype, op);
+  }
+  const size_t bytes = count * dtype_size(dtype);
+  BackendBuffer& stage = scratch(kStage, bytes);
+  backend_.copy_to_backend(stage.data(), data, bytes);
+  all_reduce(stage.data(), count, dtype, op, stats);
+  backend_.copy_to_host(data, stage.data(), bytes);
+}
+
+void ContextAttention::all_gather_host(const void* send, void* recv, size_t bytes_per_rank, LayerStepStats& stats) {
+  if (comm_.memory_space() == MemorySpace::kHost) {
+    CollectiveTimer timer(stats.collective_seconds);
+    return comm_.all_gather(send, recv, bytes_per_rank);
+  }
+  const size_t total = bytes_per_rank * static_cast<size_t>(comm_.size());
+  BackendBuffer& stage = scratch(kStage, bytes_per_rank + total);
+  backend_.copy_to_backend(stage.data(), send, bytes_per_rank);
+  all_gather(stage.data(), stage.as<unsigned char>() + bytes_per_rank, bytes_per_rank, stats);
+  backend_.copy_to_host(recv, stage.as<unsigned char>() + bytes_per_rank, total);
+}
+
+// ---------------------------------------------------------------------------------------
+// [1] append
+
+void ContextAttention::append_chunk(int layer, int64_t l_C, const float* k, const float* v) {
+  UNS_CHECK(layer >= 0 && layer < options_.layers, "layer {} out of range [0, {})", layer, options_.layers);
+  UNS_CHECK(layer_length_[static_cast<size_t>(layer)] == length_,
+            "layer {} already holds the current chunk (commit_chunk was not called)", layer);
+  if (options_.max_tokens > 0)
+    UNS_CHECK_KIND(kCapacity, length_ + l_C <= options_.max_tokens,
+                   "context of {} tokens exceeds this context's capacity of {} tokens", length_ + l_C,
+                   options_.max_tokens);
+  const int d_c = shard_->options().d_c;
+  const void* score_keys = nullptr;
+  if (d_c > 0) {
+    const size_t count = static_cast<size_t>(l_C) * d_c;
+    BackendBuffer& keys = scratch(kScoreKeys, count * dtype_size(options_.kv_dtype));
+    if (options_.attention.mode == AttentionMode::kExactTopk) {  // s = f: the key itself
+      backend_.convert(k, DType::kF32, keys.data(), options_.kv_dtype, count);
+    } else {
+      backend_.compress_keys({.k = k, .k_dtype = DType::kF32, .wk = wk_[static_cast<size_t>(layer)].as<float>(),
+                              .kc_out = keys.data(), .kc_dtype = options_.kv_dtype, .n = l_C, .G = options_.G,
+                              .d = options_.d, .d_c = d_c});
+    }
+    score_keys = keys.data();
+  }
+  shard_->append(layer, length_, l_C, k, v, score_keys);
+  layer_length_[static_cast<size_t>(layer)] = length_ + l_C;
+}
+
+void ContextAttention::load_kv(int layer, const float* k, const float* v, int64_t n) {
+  UNS_CHECK(n >= 0, "load_kv: n = {}", n);
+  if (n > 0) append_chunk(layer, n, k, v);
+}
+
+void ContextAttention::commit_chunk(int64_t l_C) {
+  for (int l = 0; l < options_.layers; ++l)
+    UNS_CHECK(layer_length_[static_cast<size_t>(l)] == length_ + l_C,
+              "commit_chunk({}): layer {} holds {} tokens, expected {}", l_C, l, layer_length_[static_cast<size_t>(l)],
+              length_ + l_C);
+  length_ += l_C;
+}
+
+// ---------------------------------------------------------------------------------------
+// [2] LagKV eviction (SPEC §5), exact across ranks: the reference extrema combine by a MAX
+// all-reduce, and each token's std comes from its owner (others contribute 0) by a SUM.
+
+void ContextAttention::evict_due(int layer, const Segments& seg, LayerStepStats& stats) {
+  const AttentionConfig& cfg = options_.attention;
+  const auto l = static_cast<size_t>(layer);
+  const int64_t due = lag_evictable_partitions(seg, cfg);
+  const int64_t first = lag_done_[l];
+  if (due <= first) return;
+  const int64_t parts = due - first;
+  const int width = options_.G * options_.d;
+  const KvShard::Layer& store = shard_->layer(layer);
+  const size_t half_row = shard_->kv_row_bytes() / 2;
+
+  BackendBuffer& extrema = scratch(kLagExtrema, static_cast<size_t>(parts) * 4 * width * sizeof(float));
+  for (int64_t i = 0; i < parts; ++i) {
+    const int64_t begin = cfg.l_I + (first + i) * cfg.lag;
+    const auto [r0, r1] = shard_->owned_rows(layer, begin + cfg.lag, begin + 2 * cfg.lag);
+    backend_.lag_reference_extrema({.k = bytes_at(store.k, static_cast<size_t>(r0) * half_row),
+                                    .v = bytes_at(store.v, static_cast<size_t>(r0) * half_row),
+                                    .kv_dtype = options_.kv_dtype, .n = r1 - r0, .G = options_.G, .d = options_.d,
+                                    .extrema = extrema.as<float>() + i * 4 * width});
+  }
+  all_reduce(extrema.data(), static_cast<size_t>(parts) * 4 * width, DType::kF32, ReduceOp::kMax, stats);
+
+  const size_t table_size = static_cast<size_t>(cfg.lag) * 2 * options_.G;
+  std::vector<float> table(static_cast<size_t>(parts) * table_size, 0.0f), mine(table_size);
+  BackendBuffer& token_std = scratch(kLagStd, table_size * sizeof(float));
+  for (int64_t i = 0; i < parts; ++i) {
+    const int64_t begin = cfg.l_I + (first + i) * cfg.lag;
+    const auto [r0, r1] = shard_->owned_rows(layer, begin, begin + cfg.lag);
+    if (r1 == r0) continue;
+    backend_.lag_token_std({.k = bytes_at(store.k, static_cast<size_t>(r0) * half_row),
+                            .v = bytes_at(store.v, static_cast<size_t>(r0) * half_row), .kv_dtype = options_.kv_dtype,
+                            .n = r1 - r0, .G = options_.G, .d = options_.d,
+                            .extrema = extrema.as<float>() + i * 4 * width, .token_std = token_std.as<float>()});
+    const size_t row_values = 2 * static_cast<size_t>(options_.G);
+    backend_.copy_to_host(mine.data(), token_std.data(), static_cast<size_t>(r1 - r0) * row_values * sizeof(float));
+    for (int64_t r = r0; r < r1; ++r) {
+      const auto slot = static_cast<size_t>(store.tokens[static_cast<size_t>(r)] - begin);
+      std::memcpy(table.data() + static_cast<size_t>(i) * table_size + slot * row_values,
+                  mine.data() + static_cast<size_t>(r - r0) * row_values, row_values * sizeof(float));
+    }
+  }
+  all_reduce_host(table.data(), table.size(), DType::kF32, ReduceOp::kSum, stats);
+
+  const int64_t keep = lag_keep_count(cfg);
+  std::vector<float> score(static_cast<size_t>(cfg.lag)), top_values(static_cast<size_t>(cfg.lag));
+  std::vector<int64_t> tokens(static_cast<size_t>(cfg.lag)), top_tokens(static_cast<size_t>(cfg.lag));
+  std::vector<int64_t> evicted;
+  for (int64_t i = 0; i < parts; ++i) {
+    const int64_t begin = cfg.l_I + (first + i) * cfg.lag;
+    host_ops_->lag_partition_scores({.token_std = table.data() + static_cast<size_t>(i) * table_size, .lag = cfg.lag,
+                                     .G = options_.G, .score = score.data()});
+    for (int64_t j = 0; j < cfg.lag; ++j) tokens[static_cast<size_t>(j)] = begin + j;
+    int64_t count = 0;
+    host_ops_->top_k({.values = score.data(), .tokens = tokens.data(), .n = cfg.lag, .k = keep,
+                      .out_values = top_values.data(), .out_tokens = top_tokens.data(), .out_count = &count});
+    std::vector<bool> kept(static_cast<size_t>(cfg.lag), false);
+    for (int64_t j = 0; j < count; ++j) kept[static_cast<size_t>(top_tokens[static_cast<size_t>(j)] - begin)] = true;
+    for (int64_t j = 0; j < cfg.lag; ++j)
+      if (!kept[static_cast<size_t>(j)]) evicted.push_back(begin + j);
+  }
+  shard_->evict(layer, evicted);
+  evicted_count_[l] += static_cast<int64_t>(evicted.size());
+  lag_done_[l] = due;
+  stats.evicted = std::move(evicted);
+}
+
+// ---------------------------------------------------------------------------------------
+// [3] selection (SPEC §3 and block mode of §5)
+
+std::vector<int64_t> ContextAttention::select_tokens(int layer, const Segments& seg, const float* q,
+                                                     LayerStepStats& stats) {
+  const AttentionConfig& cfg = options_.attention;
+  const int d_c = shard_->options().d_c;
+  const int l_C = static_cast<int>(seg.l_C);
+  const bool exact = cfg.mode == AttentionMode::kExactTopk;
+  const KvShard::Layer& store = shard_->layer(layer);
+
+  BackendBuffer& qc = scratch(kQueryCompressed, static_cast<size_t>(l_C) * d_c * sizeof(float));
+  backend_.compress_query({.q = q, .wq = exact ? nullptr : wq_[static_cast<size_t>(layer)].as<float>(),
+                           .inv_freq = inv_freq_.as<float>(), .position = cfg.global_query_position(),
+                           .q_out = qc.as<float>(), .l_C = l_C, .H = options_.H, .G = options_.G, .d = options_.d,
+                           .d_c = d_c});
+  const auto [s_begin, s_end] = shard_->score_rows(layer, seg.m_begin, seg.m_end);
+  const int64_t n_s = s_end - s_begin;
+  ScoreParams score{.qc = qc.as<float>(), .kc = bytes_at(store.kc, static_cast<size_t>(s_begin) * shard_->score_row_bytes()),
+                    .kc_dtype = options_.kv_dtype, .n = n_s, .l_C = l_C, .d_c = d_c};
+  if (l_C > 1) {  // per-query maxima over all of M: one MAX all-reduce
+    BackendBuffer& row_max = scratch(kRowMax, static_cast<size_t>(l_C) * sizeof(float));
+    score.query_max_out = row_max.as<float>();
+    backend_.score_query_max(score);
+    all_reduce(row_max.data(), static_cast<size_t>(l_C), DType::kF32, ReduceOp::kMax, stats);
+    score.row_max = row_max.as<float>();
+  }
+  BackendBuffer& F = scratch(kScores, static_cast<size_t>(std::max<int64_t>(n_s, 1)) * sizeof(float));
+  score.score_out = F.as<float>();
+  backend_.score_chunk(score);
+  if (cfg.mode == AttentionMode::kBlock) return select_blocks(layer, seg, F.as<float>(), s_begin, n_s, stats);
+
+  // Proximity over owned + halo rows, then the local top-k over owned rows only.
+  BackendBuffer& F_prox = scratch(kProximity, static_cast<size_t>(std::max<int64_t>(n_s, 1)) * sizeof(float));
+  const auto* score_tokens = reinterpret_cast<const int64_t*>(bytes_at(store.score_tokens_buf, 0)) + s_begin;
+  const auto* candidates = reinterpret_cast<const int64_t*>(bytes_at(store.candidates_buf, 0)) + s_begin;
+  backend_.proximity({.score = F.as<float>(), .tokens = score_tokens, .n = n_s, .eps = cfg.eps, .out = F_prox.as<float>()});
+  // Candidate block per rank: [k values (f32, padded to an even count)][k tokens (i64)].
+  const int64_t k = cfg.top_k;
+  const size_t values_bytes = static_cast<size_t>((k + 1) / 2 * 2) * sizeof(float);
+  const size_t block_bytes = values_bytes + static_cast<size_t>(k) * sizeof(int64_t);
+  BackendBuffer& cand = scratch(kCandidates, block_bytes);
+  int64_t local_count = 0;
+  backend_.top_k({.values = F_prox.as<float>(), .tokens = candidates, .n = n_s, .k = k, .out_values = cand.as<float>(),
+                  .out_tokens = reinterpret_cast<int64_t*>(cand.as<unsigned char>() + values_bytes),
+                  .out_count = &local_count});
+  const auto P = static_cast<size_t>(comm_.size());
+  BackendBuffer& gathered = scratch(kGathered, block_bytes * P);
+  all_gather(cand.data(), gathered.data(), block_bytes, stats);
+
+  // The global top-k of the union of local top-ks: the same on every rank (same tie rule).
+  std::vector<unsigned char> host(block_bytes * P);
+  backend_.copy_to_host(host.data(), gathered.data(), host.size());
+  std::vector<float> values(P * static_cast<size_t>(k));
+  std::vector<int64_t> tokens(P * static_cast<size_t>(k));
+  for (size_t r = 0; r < P; ++r) {
+    std::memcpy(values.data() + r * k, host.data() + r * block_bytes, static_cast<size_t>(k) * sizeof(float));
+    std::memcpy(tokens.data() + r * k, host.data() + r * block_bytes + values_bytes, static_cast<size_t>(k) * sizeof(int64_t));
+  }
+  std::vector<float> top_values(static_cast<size_t>(k));
+  std::vector<int64_t> selected(static_cast<size_t>(k));
+  int64_t count = 0;
+  host_ops_->top_k({.values = values.data(), .tokens = tokens.data(), .n = static_cast<int64_t>(values.size()), .k = k,
+                    .out_values = top_values.data(), .out_tokens = selected.data(), .out_count = &count});
+  selected.resize(static_cast<size_t>(count));
+  std::sort(selected.begin(), selected.end());
+  std::vector<int64_t> mine;
+  for (int64_t t : selected)
+    if (shard_->owns(t)) mine.push_back(t);
+  stats.selected = std::move(selected);
+  return mine;
+}
+
+std::vector<int64_t> ContextAttention::select_blocks(int layer, const Segments& seg, const float* F, int64_t s_begin,
+                                                     int64_t n_s, LayerStepStats& stats) {
+  const AttentionConfig& cfg = options_.attention;
+  const KvShard::Layer& store = shard_->layer(layer);
+  std::vector<float> scores(static_cast<size_t>(n_s));
+  std::vector<int64_t> candidates(static_cast<size_t>(n_s));
+  backend_.copy_to_host(scores.data(), F, scores.size() * sizeof(float));
+  backend_.copy_to_host(candidates.data(), bytes_at(store.candidates_buf, static_cast<size_t>(s_begin) * sizeof(int64_t)),
+                        candidates.size() * sizeof(int64_t));
+  const int64_t n_blocks = (seg.m_size() + cfg.block - 1) / cfg.block;
+  std::vector<float> block_score(static_cast<size_t>(n_blocks), kNegInf);
+  for (int64_t i = 0; i < n_s; ++i) {
+    const int64_t t = candidates[static_cast<size_t>(i)];
+    if (t < 0) continue;  // halo row: its owner counts it
+    auto& best = block_score[static_cast<size_t>((t - seg.m_begin) / cfg.block)];
+    best = std::max(best, scores[static_cast<size_t>(i)]);
+  }
+  all_reduce_host(block_score.data(), block_score.size(), DType::kF32, ReduceOp::kMax, stats);
+
+  std::vector<bool> chosen(static_cast<size_t>(n_blocks), false);
+  const int64_t survivors = seg.m_size() - evicted_count_[static_cast<size_t>(layer)];
+  if (survivors <= cfg.top_k) {
+    std::fill(chosen.begin(), chosen.end(), true);  // |M| <= k: all of M
+  } else {
+    std::vector<int64_t> ids(static_cast<size_t>(n_blocks));
+    for (int64_t b = 0; b < n_blocks; ++b) ids[static_cast<size_t>(b)] = block_score[static_cast<size_t>(b)] == kNegInf ? -1 : b;
+    const int64_t want = cfg.top_k / cfg.block;
+    std::vector<float> top_values(static_cast<size_t>(want));
+    std::vector<int64_t> top_blocks(static_cast<size_t>(want));
+    int64_t count = 0;
+    host_ops_->top_k({.values = block_score.data(), .tokens = ids.data(), .n = n_blocks, .k = want,
+                      .out_values = top_values.data(), .out_tokens = top_blocks.data(), .out_count = &count});
+    for (int64_t j = 0; j < count; ++j) chosen[static_cast<size_t>(top_blocks[static_cast<size_t>(j)])] = true;
+  }
+  std::vector<int64_t> mine;
+  const auto [r0, r1] = shard_->owned_rows(layer, seg.m_begin, seg.m_end);
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t t = store.tokens[static_cast<size_t>(r)];
+    if (chosen[static_cast<size_t>((t - seg.m_begin) / cfg.block)]) mine.push_back(t);
+  }
+  // The global selected set, for stats: at most top_k tokens per rank, gathered with counts.
+  const int64_t cap = cfg.top_k;
+  std::vector<int64_t> block(static_cast<size_t>(cap + 1), -1), all(static_cast<size_t>((cap + 1) * comm_.size()));
+  block[0] = static_cast<int64_t>(mine.size());
+  std::copy(mine.begin(), mine.end(), block.begin() + 1);
+  all_gather_host(block.data(), all.data(), block.size() * sizeof(int64_t), stats);
+  for (int r = 0; r < comm_.size(); ++r) {
+    const int64_t* part = all.data() + static_cast<size_t>(r) * static_cast<size_t>(cap + 1);
+    stats.selected.insert(stats.selected.end(), part + 1, part + 1 + part[0]);
+  }
+  std::sort(stats.selected.begin(), stats.selected.end());
+  return mine;
+}
+
+// ---------------------------------------------------------------------------------------
+// [4] partial attention and the LSE merge (SPEC §4, §7)
+
+void ContextAttention::attend_and_merge(int layer, const Segments& seg, const float* q,
+                                        const std::vector<int64_t>& selected_mine, float* o, LayerStepStats& stats) {
+  const AttentionConfig& cfg = options_.attention;
+  const KvShard::Layer& store = shard_->layer(layer);
+  const size_t half_row = shard_->kv_row_bytes() / 2;
+  const int64_t out_rows = seg.l_C * options_.H;
+  const size_t o_count = static_cast<size_t>(out_rows) * options_.d;
+  const size_t part_floats = o_count + static_cast<size_t>(out_rows);  // [o | lse]
+  const auto* tokens = reinterpret_cast<const int64_t*>(store.tokens_buf.data());
+
+  AttendParams attend{.q = q, .q_token0 = seg.p, .k = store.k.data(), .v = store.v.data(), .kv_dtype = options_.kv_dtype,
+                      .key_tokens = tokens, .l_C = static_cast<int>(seg.l_C), .H = options_.H, .G = options_.G,
+                      .d = options_.d, .inv_freq = inv_freq_.as<float>(),
+                      .scale = 1.0f / std::sqrt(static_cast<float>(options_.d))};
+  const auto contiguous = [&](int64_t r0, int64_t r1) {  // rows [r0, r1) by pointer offset
+    attend.k = bytes_at(store.k, static_cast<size_t>(r0) * half_row);
+    attend.v = bytes_at(store.v, static_cast<size_t>(r0) * half_row);
+    attend.key_tokens = tokens + r0;
+    attend.rows = nullptr;
+    attend.n = r1 - r0;
+  };
+
+  BackendBuffer& send = scratch(kSend, part_floats * sizeof(float));
+  if (cfg.mode == AttentionMode::kFull) {  // causal over everything, absolute positions
+    const auto [r0, r1] = shard_->owned_rows(layer, 0, seg.c_end);
+    contiguous(r0, r1);
+    attend.causal = true;
+    attend.positions = PositionScheme::kRelative;
+    attend.origin = 0;
+    attend.o = send.as<float>();
+    attend.lse = send.as<float>() + o_count;
+    backend_.attend(attend);
+    stats.attended_local_rows = r1 - r0;
+  } else {
+    BackendBuffer& parts = scratch(kParts, 2 * part_floats * sizeof(float));
+    float* o_parts = parts.as<float>();
+    float* lse_parts = o_parts + 2 * o_count;
+    // Global part: owned rows of I ∪ M_k; keys unrotated, queries at w, non-causal.
+    const auto [i0, i1] = shard_->owned_rows(layer, 0, seg.i_end);
+    std::vector<int32_t> rows;
+    for (int64_t r = i0; r < i1; ++r) rows.push_back(static_cast<int32_t>(r));
+    for (int64_t t : selected_mine) rows.push_back(static_cast<int32_t>(shard_->row_of(layer, t)));
+    BackendBuffer& row_buffer = scratch(kGlobalRows, std::max<size_t>(rows.size(), 1) * sizeof(int32_t));
+    backend_.copy_to_backend(row_buffer.data(), rows.data(), rows.size() * sizeof(int32_t));
+    attend.rows = row_buffer.as<int32_t>();
+    attend.n = static_cast<int64_t>(rows.size());
+    attend.causal = false;
+    attend.positions = PositionScheme::kGlobal;
+    attend.query_position = cfg.global_query_position();
+    attend.o = o_parts;
+    attend.lse = lse_parts;
+    backend_.attend(attend);
+    // Local part: owned rows of L ∪ C; positions from s0, causal inside C.
+    const auto [l0, l1] = shard_->owned_rows(layer, seg.s0(), seg.c_end);
+    contiguous(l0, l1);
+    attend.causal = true;
+    attend.positions = PositionScheme::kRelative;
+    attend.origin = seg.s0();
+    attend.o = o_parts + o_count;
+    attend.lse = lse_parts + out_rows;
+    backend_.attend(attend);
+    backend_.merge({.o_parts = o_parts, .lse_parts = lse_parts, .n_parts = 2, .rows = out_rows, .d = options_.d,
+                    .o = send.as<float>(), .lse = send.as<float>() + o_count});
+    stats.attended_local_rows = static_cast<int64_t>(rows.size()) + (l1 - l0);
+  }
+
+  // Merge across ranks: gather every rank's [o | lse], lay them out as parts, LSE-merge.
+  const int P = comm_.size();
+  BackendBuffer& gathered = scratch(kGathered, part_floats * static_cast<size_t>(P) * sizeof(float));
+  all_gather(send.data(), gathered.data(), part_floats * sizeof(float), stats);
+  BackendBuffer& merge_parts = scratch(kMergeParts, part_floats * static_cast<size_t>(P) * sizeof(float));
+  float* o_all = merge_parts.as<float>();
+  float* lse_all = o_all + o_count * static_cast<size_t>(P);
+  for (int r = 0; r < P; ++r) {
+    const float* part = gathered.as<float>() + part_floats * static_cast<size_t>(r);
+    backend_.copy_within(o_all + o_count * static_cast<size_t>(r), part, o_count * sizeof(float));
+    backend_.copy_within(lse_all + static_cast<size_t>(out_rows) * r, part + o_count, static_cast<size_t>(out_rows) * sizeof(float));
+  }
+  backend_.merge({.o_parts = o_all, .lse_parts = lse_all, .n_parts = P, .rows = out_rows, .d = options_.d, .o = o});
+}
+
+// ---------------------------------------------------------------------------------------
+
+void ContextAttention::forward(int layer, const float* q, const float* k, const float* v, int64_t l_C, float* o) {
+  UNS_CHECK(l_C > 0, "forward: empty chunk");
+  const AttentionConfig& cfg = options_.attention;
+  const Segments seg = compute_segments(length_, l_C, cfg.l_I, cfg.l_L);
+  LayerStepStats& stats = stats_.at(static_cast<size_t>(layer));
+  stats = {};
+  append_chunk(layer, l_C, k, v);                                   // [1]
+  if (cfg.evicts()) evict_due(layer, seg, stats);                   // [2]
+  std::vector<int64_t> selected_mine;
+  if (cfg.selects() && seg.m_size() > 0) selected_mine = select_tokens(layer, seg, q, stats);  // [3]
+  attend_and_merge(layer, seg, q, selected_mine, o, stats);         // [4]
+}
+
+}  // namespace unshackle
