@@ -50,18 +50,68 @@ TEST_P(DistributedStep, MatchesOracleAndSingleRank) {
     p += l_C;
   }
   // The scenario must exercise what it claims to (cannot pass by selecting nothing).
-  if (s.config.selects()) EXPECT_TRUE(saw_selection);
-  if (s.config.evicts()) EXPECT_TRUE(saw_eviction);
+  if (s.config.selects()) {
+    EXPECT_TRUE(saw_selection);
+  }
+  if (s.config.evicts()) {
+    EXPECT_TRUE(saw_eviction);
+  }
+}
+
+std::string scenario_name(const ::testing::TestParamInfo<std::tuple<int, int>>& param_info) {
+  const int ranks = std::get<0>(param_info.param);
+  std::string name = all_scenarios().at(static_cast<size_t>(std::get<1>(param_info.param))).name();
+  for (char& c : name)
+    if (c == '-' || c == '+') c = '_';
+  return name + "_P" + std::to_string(ranks);
 }
 
 INSTANTIATE_TEST_SUITE_P(AllModes, DistributedStep,
-                         ::testing::Combine(::testing::Values(1, 2, 3, 4), ::testing::Range(0, 10)),
-                         [](const auto& info) {
-                           std::string name = all_scenarios().at(static_cast<size_t>(std::get<1>(info.param))).name();
-                           for (char& c : name)
-                             if (c == '-' || c == '+') c = '_';
-                           return name + "_P" + std::to_string(std::get<0>(info.param));
-                         });
+                         ::testing::Combine(::testing::Values(1, 2, 3, 4), ::testing::Range(0, 10)), scenario_name);
+
+}  // namespace
+}  // namespace unshackle::testing
+
+namespace unshackle::testing {
+namespace {
+
+// A rank that dies mid-step (stops taking part) must not hang the others: their forward()
+// fails within the communicator's timeout with an error naming the missing rank.
+TEST(DistributedStep, DeadRankFailsOthersWithinTimeout) {
+  Scenario s = all_scenarios().at(2);  // esa, no eviction
+  const int ranks = 3, dead = 2;
+  const auto timeout = std::chrono::milliseconds(1500);
+  std::vector<std::string> errors(ranks);
+  std::vector<double> seconds(ranks, 0);
+  run_local_ranks(ranks, [&](int rank, Communicator& comm) {
+    comm.set_timeout(timeout);
+    auto backend = make_cpu_backend();
+    const CompressionWeights cw = s.compression();
+    ContextAttention attention(*backend, comm,
+                               ContextAttentionOptions{.attention = s.config, .layers = 1, .H = s.H, .G = s.G, .d = s.d,
+                                                       .kv_block = s.kv_block, .inv_freq = rope_inv_freq(s.d, 1e4),
+                                                       .compression = &cw});
+    const int64_t n = 100;
+    const auto q = s.rows(0, 0, 0, n), k = s.rows(0, 1, 0, n), v = s.rows(0, 2, 0, n);
+    std::vector<float> o(q.size());
+    attention.forward(0, q.data(), k.data(), v.data(), n, o.data());  // one good step
+    attention.commit_chunk(n);
+    if (rank == dead) return;  // dies before the next step
+    const auto start = std::chrono::steady_clock::now();
+    try {
+      attention.forward(0, q.data(), k.data(), v.data(), 1, o.data());
+    } catch (const Error& e) {
+      errors[static_cast<size_t>(rank)] = e.what();
+    }
+    seconds[static_cast<size_t>(rank)] = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  });
+  for (int r = 0; r < ranks; ++r) {
+    if (r == dead) continue;
+    EXPECT_NE(errors[static_cast<size_t>(r)].find("rank " + std::to_string(dead)), std::string::npos)
+        << "rank " << r << " error: '" << errors[static_cast<size_t>(r)] << "'";
+    EXPECT_LT(seconds[static_cast<size_t>(r)], 3 * timeout.count() / 1000.0);
+  }
+}
 
 }  // namespace
 }  // namespace unshackle::testing

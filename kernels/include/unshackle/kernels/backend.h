@@ -43,6 +43,7 @@ class Backend {
   virtual void deallocate(void* ptr) = 0;
   virtual void copy_to_backend(void* dst, const void* host_src, size_t bytes) = 0;
   virtual void copy_to_host(void* host_dst, const void* src, size_t bytes) = 0;
+  // Within backend memory; overlapping ranges are allowed (memmove semantics).
   virtual void copy_within(void* dst, const void* src, size_t bytes) = 0;
   virtual void synchronize() = 0;
   // Element-wise dtype conversion within backend memory (F32 <-> BF16/F16, or a copy).
