@@ -3,6 +3,7 @@
 // inputs. Each rank runs ContextAttention; the oracle is reference_step over all tokens.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <string>
