@@ -10,8 +10,10 @@
 
 #include <chrono>
 #include <cstddef>
+#include <exception>
 #include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "unshackle/common/dtype.h"
@@ -53,6 +55,23 @@ std::vector<std::unique_ptr<Communicator>> make_local_communicators(int ranks);
 
 // Runs fn(rank, communicator) on `ranks` threads and rethrows the first failure (by rank).
 template <typename Fn>
-void run_local_ranks(int ranks, Fn&& fn);
+void run_local_ranks(int ranks, Fn&& fn) {
+  auto comms = make_local_communicators(ranks);
+  std::vector<std::exception_ptr> errors(static_cast<size_t>(ranks));
+  std::vector<std::thread> threads;
+  threads.reserve(static_cast<size_t>(ranks));
+  for (int r = 0; r < ranks; ++r) {
+    threads.emplace_back([&, r] {
+      try {
+        fn(r, *comms[static_cast<size_t>(r)]);
+      } catch (...) {
+        errors[static_cast<size_t>(r)] = std::current_exception();
+      }
+    });
+  }
+  for (auto& thread : threads) thread.join();
+  for (auto& error : errors)
+    if (error) std::rethrow_exception(error);
+}
 
 }  // namespace unshackle
