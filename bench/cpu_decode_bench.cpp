@@ -55,7 +55,8 @@ struct Context {
     for (auto& w : weights.wk[0]) w /= std::sqrt(static_cast<float>(kG * kD));
     ContextAttentionOptions options{.attention = llama_config(mode), .layers = 1, .H = kH, .G = kG, .d = kD,
                                     .kv_dtype = DType::kF32, .kv_block = 1 << 30,
-                                    .inv_freq = rope_inv_freq(kD, 500000.0), .compression = &weights};
+                                    .inv_freq = rope_inv_freq(kD, 500000.0), .compression = &weights,
+                                    .reserve_tokens = n + 4096};
     attention = std::make_unique<ContextAttention>(*backend, *comms[0], options);
     const auto keys = seeded(static_cast<size_t>(n) * kG * kD, 1), values = seeded(static_cast<size_t>(n) * kG * kD, 2);
     attention->load_kv(0, keys.data(), values.data(), n);

@@ -78,6 +78,7 @@ ContextAttention::ContextAttention(Backend& backend, Communicator& comm, Context
       backend_, KvShardOptions{.layers = options_.layers, .G = options_.G, .d = options_.d, .d_c = d_c,
                                .kv_dtype = options_.kv_dtype, .rank = comm_.rank(), .ranks = comm_.size(),
                                .kv_block = options_.kv_block, .eps = cfg.eps});
+  if (options_.reserve_tokens > 0) shard_->reserve_context(options_.reserve_tokens);
   inv_freq_ = BackendBuffer(backend_, options_.inv_freq.size() * sizeof(float));
   backend_.copy_to_backend(inv_freq_.data(), options_.inv_freq.data(), options_.inv_freq.size() * sizeof(float));
   const auto layers = static_cast<size_t>(options_.layers);

@@ -123,6 +123,17 @@ void KvShard::append(int layer_index, int64_t t0, int64_t n, const float* k, con
   layer.score_tokens.insert(layer.score_tokens.end(), kept.begin(), kept.end());
 }
 
+void KvShard::reserve_context(int64_t tokens) {
+  // This rank's share of whole blocks, plus one block for a partial one.
+  const int64_t blocks = (tokens + options_.kv_block - 1) / options_.kv_block;
+  const int64_t owned = ((blocks + options_.ranks - 1) / options_.ranks) * options_.kv_block;
+  const int64_t halo = 2 * std::min(options_.eps, options_.kv_block) * ((blocks + options_.ranks - 1) / options_.ranks + 1);
+  for (Layer& layer : layers_) {
+    reserve_kv(layer, std::min(owned, tokens));
+    if (options_.d_c > 0) reserve_score(layer, std::min(owned + halo, tokens));
+  }
+}
+
 namespace {
 
 // Compacts rows of `buffers` (each row `row_bytes[i]` wide) and `tokens`, dropping tokens in

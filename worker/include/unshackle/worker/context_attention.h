@@ -34,6 +34,7 @@ struct ContextAttentionOptions {
   std::vector<float> inv_freq;             // [d/2] RoPE frequencies (with rope_scaling)
   const CompressionWeights* compression = nullptr;  // required by esa/block; may be null otherwise
   int64_t max_tokens = 0;                  // capacity of the context (0: unbounded); beyond it -> Error(kCapacity)
+  int64_t reserve_tokens = 0;              // allocate the shard for this many tokens up front
 };
 
 // What one layer step did, for tests, the case tool and metrics.

@@ -50,6 +50,9 @@ class KvShard {
   // halo get their scoring key. k, v [n, G, d] float32; score_keys [n, d_c] in kv_dtype (may
   // be null when d_c == 0). All pointers in backend memory. Tokens must come in order.
   void append(int layer, int64_t t0, int64_t n, const float* k, const float* v, const void* score_keys);
+  // Allocates room for a context of `tokens` tokens up front (growth would copy, and briefly
+  // hold both the old and the new arrays).
+  void reserve_context(int64_t tokens);
   // Removes `tokens` (ascending) from owned and scoring rows of `layer`; absent ones are ignored.
   void evict(int layer, const std::vector<int64_t>& tokens);
 
