@@ -1,0 +1,32 @@
+// The `unshackle` command. Exit codes: 0 ok, 2 bad input (the message names the field or
+// file), 1 anything else.
+#include <CLI/CLI.hpp>
+#include <cstdio>
+
+#include "attn_command.h"
+#include "unshackle/common/check.h"
+
+int main(int argc, char** argv) {
+  CLI::App app{"unshackle: long-context attention that spends compute only on the tokens that matter"};
+  app.require_subcommand(1);
+  unshackle::add_attn_commands(app);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e) == 0 ? 0 : 2;
+  } catch (const unshackle::Error& e) {
+    std::fprintf(stderr, "error: %s\n", e.what());
+    switch (e.kind()) {
+      case unshackle::ErrorKind::kInvalidArgument:
+      case unshackle::ErrorKind::kNotFound:
+      case unshackle::ErrorKind::kUnsupported:
+      case unshackle::ErrorKind::kCapacity:
+      case unshackle::ErrorKind::kIo: return 2;
+      default: return 1;
+    }
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "error: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}
