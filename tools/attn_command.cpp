@@ -1,9 +1,11 @@
 #include "attn_command.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 
 #include "case_file.h"
+#include "unshackle/common/safetensors.h"
 #include "unshackle/cluster/communicator.h"
 #include "unshackle/common/check.h"
 #include "unshackle/worker/case_runner.h"
@@ -146,8 +148,17 @@ void add_attn_commands(CLI::App& app) {
     const StepResult result = run_attention_case(step, *attn, writes);
     if (!writes) return;
     write_result_file(attn->output, step, result);
-    std::printf("wrote %s: o [%lld, %d, %d], %zu selected, %zu evicted\n", attn->output.c_str(),
-                static_cast<long long>(step.l_C), step.H, step.d, result.selected.size(), result.evicted.size());
+    std::printf("wrote %s: mode %s, o [%lld, %d, %d], %zu selected, %zu evicted\n", attn->output.c_str(),
+                std::string(mode_name(step.config.mode)).c_str(), static_cast<long long>(step.l_C), step.H, step.d,
+                result.selected.size(), result.evicted.size());
+    // Cases made with --needles carry the planted tokens: report how many were selected.
+    const auto input = SafetensorsFile::open(attn->input);
+    if (input->contains("needles")) {
+      const auto needles = input->to_i64("needles");
+      size_t found = 0;
+      for (int64_t t : needles) found += std::binary_search(result.selected.begin(), result.selected.end(), t);
+      std::printf("needles selected: %zu of %zu\n", found, needles.size());
+    }
   });
 
   auto make = std::make_shared<MakeCaseOptions>();
