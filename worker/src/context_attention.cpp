@@ -101,6 +101,7 @@ BackendBuffer& ContextAttention::scratch(int slot, size_t bytes) {
 // Collectives (stage through host memory when backend and communicator memory differ)
 
 void ContextAttention::all_reduce(void* data, size_t count, DType dtype, ReduceOp op, LayerStepStats& stats) {
+  backend_.synchronize();  // the communicator's stream must see what the backend's stream wrote
   CollectiveTimer timer(stats.collective_seconds);
   if (comm_.memory_space() == backend_.memory_space()) return comm_.all_reduce(data, data, count, dtype, op);
   std::vector<unsigned char> host(count * dtype_size(dtype));
@@ -110,6 +111,7 @@ void ContextAttention::all_reduce(void* data, size_t count, DType dtype, ReduceO
 }
 
 void ContextAttention::all_gather(const void* send, void* recv, size_t bytes_per_rank, LayerStepStats& stats) {
+  backend_.synchronize();
   CollectiveTimer timer(stats.collective_seconds);
   if (comm_.memory_space() == backend_.memory_space()) return comm_.all_gather(send, recv, bytes_per_rank);
   std::vector<unsigned char> host_send(bytes_per_rank), host_recv(bytes_per_rank * static_cast<size_t>(comm_.size()));

@@ -1,0 +1,59 @@
+// Small device helpers shared by the kernels.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "unshackle/common/dtype.h"
+
+namespace unshackle::cuda {
+
+
+__device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
+
+// Loads element i of a store array of dtype kF32 / kBF16 / kF16 as float.
+__device__ __forceinline__ float load_as_float(const void* base, DType dtype, int64_t i) {
+  switch (dtype) {
+    case DType::kBF16: return __bfloat162float(static_cast<const __nv_bfloat16*>(base)[i]);
+    case DType::kF16: return __half2float(static_cast<const __half*>(base)[i]);
+    default: return static_cast<const float*>(base)[i];
+  }
+}
+
+__device__ __forceinline__ void store_from_float(void* base, DType dtype, int64_t i, float value) {
+  switch (dtype) {
+    case DType::kBF16: static_cast<__nv_bfloat16*>(base)[i] = __float2bfloat16_rn(value); break;
+    case DType::kF16: static_cast<__half*>(base)[i] = __float2half_rn(value); break;
+    default: static_cast<float*>(base)[i] = value; break;
+  }
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+  for (int offset = 16; offset > 0; offset >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  return v;
+}
+
+// Float max via integer atomics (the buffer starts at -inf; NaN is ignored).
+__device__ __forceinline__ void atomic_max_float(float* address, float value) {
+  if (value != value) return;
+  if (value >= 0.0f) atomicMax(reinterpret_cast<int*>(address), __float_as_int(value));
+  else atomicMin(reinterpret_cast<unsigned int*>(address), __float_as_uint(value));
+}
+
+// RoPE angle in double: positions up to millions stay accurate (matches the CPU reference).
+__device__ __forceinline__ void rope_sincos(int64_t position, float inv_freq, float* s, float* c) {
+  double sd, cd;
+  sincos(static_cast<double>(position) * static_cast<double>(inv_freq), &sd, &cd);
+  *s = static_cast<float>(sd);
+  *c = static_cast<float>(cd);
+}
+
+}  // namespace unshackle::cuda

@@ -1,0 +1,134 @@
+// The CUDA backend: the operations of backend.h on device memory, one stream per backend.
+#include <algorithm>
+#include <memory>
+
+#include "cuda_check.h"
+#include "launchers.h"
+#include "unshackle/kernels/backend.h"
+
+namespace unshackle {
+namespace cuda {
+
+void* Workspace::reserve(size_t wanted) {
+  if (wanted <= bytes) return data;
+  if (data) {
+    UNS_CUDA_CHECK(cudaDeviceSynchronize());  // earlier launches may still read it
+    UNS_CUDA_CHECK(cudaFree(data));
+  }
+  bytes = std::max(wanted, 2 * bytes);
+  UNS_CUDA_CHECK(cudaMalloc(&data, bytes));
+  return data;
+}
+
+Workspace::~Workspace() {
+  if (data) cudaFree(data);
+}
+
+namespace {
+
+class CudaBackend final : public Backend {
+ public:
+  explicit CudaBackend(int device) : device_(device) {
+    UNS_CUDA_CHECK(cudaSetDevice(device_));
+    UNS_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+    cudaDeviceProp prop{};
+    UNS_CUDA_CHECK(cudaGetDeviceProperties(&prop, device_));
+    name_ = std::string("cuda:") + std::to_string(device_) + " (" + prop.name + ")";
+  }
+  ~CudaBackend() override {
+    cudaStreamSynchronize(stream_);
+    cudaStreamDestroy(stream_);
+  }
+
+  std::string name() const override { return name_; }
+  MemorySpace memory_space() const override { return MemorySpace::kDevice; }
+  bool supports(Op op, DType dtype, int dim) const override {
+    if (dtype != DType::kF32 && dtype != DType::kBF16 && dtype != DType::kF16) return false;
+    switch (op) {
+      case Op::kAttend: return dim == 64 || dim == 128;
+      default: return dim > 0;
+    }
+  }
+
+  void* allocate(size_t bytes) override {
+    bind();
+    void* ptr = nullptr;
+    if (bytes) UNS_CUDA_CHECK(cudaMalloc(&ptr, bytes));
+    return ptr;
+  }
+  void deallocate(void* ptr) override {
+    if (!ptr) return;
+    cudaStreamSynchronize(stream_);  // queued work may still use it
+    cudaFree(ptr);
+  }
+  void copy_to_backend(void* dst, const void* src, size_t bytes) override {
+    if (!bytes) return;
+    bind();
+    UNS_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream_));
+    UNS_CUDA_CHECK(cudaStreamSynchronize(stream_));  // the host buffer may go away
+  }
+  void copy_to_host(void* dst, const void* src, size_t bytes) override {
+    if (!bytes) return;
+    bind();
+    UNS_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, stream_));
+    UNS_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  }
+  void copy_within(void* dst, const void* src, size_t bytes) override {
+    if (!bytes || dst == src) return;
+    bind();
+    const auto* s = static_cast<const unsigned char*>(src);
+    auto* d = static_cast<unsigned char*>(dst);
+    if (d + bytes <= s || s + bytes <= d) {
+      UNS_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream_));
+      return;
+    }
+    // Overlapping (row compaction): cudaMemcpy does not promise memmove, so stage.
+    void* stage = staging_.reserve(bytes);
+    UNS_CUDA_CHECK(cudaMemcpyAsync(stage, src, bytes, cudaMemcpyDeviceToDevice, stream_));
+    UNS_CUDA_CHECK(cudaMemcpyAsync(dst, stage, bytes, cudaMemcpyDeviceToDevice, stream_));
+  }
+  void synchronize() override { UNS_CUDA_CHECK(cudaStreamSynchronize(stream_)); }
+  void convert(const void* src, DType src_dtype, void* dst, DType dst_dtype, size_t count) override {
+    bind();
+    if (src_dtype == dst_dtype) return copy_within(dst, src, count * dtype_size(src_dtype));
+    cuda::launch_convert(src, src_dtype, dst, dst_dtype, count, stream_);
+  }
+
+  void compress_query(const CompressQueryParams& p) override { bind(); cuda::launch_compress_query(p, stream_); }
+  void compress_keys(const CompressKeysParams& p) override { bind(); cuda::launch_compress_keys(p, stream_); }
+  void score_query_max(const ScoreParams& p) override { bind(); cuda::launch_score_query_max(p, stream_); }
+  void score_chunk(const ScoreParams& p) override { bind(); cuda::launch_score_chunk(p, stream_); }
+  void proximity(const ProximityParams& p) override { bind(); cuda::launch_proximity(p, stream_); }
+  void top_k(const TopKParams& p) override { bind(); cuda::launch_top_k(p, topk_workspace_, stream_); }
+  void attend(const AttendParams& p) override { bind(); cuda::launch_attend(p, attend_workspace_, stream_); }
+  void merge(const MergeParams& p) override { bind(); cuda::launch_merge(p, stream_); }
+  void lag_reference_extrema(const LagExtremaParams& p) override { bind(); cuda::launch_lag_reference_extrema(p, stream_); }
+  void lag_token_std(const LagStdParams& p) override { bind(); cuda::launch_lag_token_std(p, stream_); }
+  void lag_partition_scores(const LagScoreParams& p) override { bind(); cuda::launch_lag_partition_scores(p, stream_); }
+
+ private:
+  void bind() const { UNS_CUDA_CHECK(cudaSetDevice(device_)); }
+
+  int device_;
+  cudaStream_t stream_ = nullptr;
+  std::string name_;
+  cuda::Workspace topk_workspace_, attend_workspace_, staging_;
+};
+
+}  // namespace
+}  // namespace cuda
+
+std::unique_ptr<Backend> make_cuda_backend(int device) {
+  int count = 0;
+  if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0)
+    fail(ErrorKind::kUnsupported, "no CUDA device is visible (cudaGetDeviceCount found none)");
+  UNS_CUDA_REQUIRE(kUnsupported, device >= 0 && device < count, "CUDA device " + std::to_string(device) + " does not exist (" + std::to_string(count) + " visible)");
+  return std::make_unique<cuda::CudaBackend>(device);
+}
+
+bool cuda_backend_available() {
+  int count = 0;
+  return cudaGetDeviceCount(&count) == cudaSuccess && count > 0;
+}
+
+}  // namespace unshackle
