@@ -3,7 +3,15 @@
 // its results against the CPU oracle (selected and evicted sets exactly; output within
 // 1e-4 relative: the CUDA kernels accumulate in fp32, the oracle in double). Prints
 // "N passed, N failed" on rank 0. Run: mpirun -np 2 worker_nccl_step
+// With --kill-last-rank (run under mpirun --enable-recovery): after the scenarios the last
+// rank SIGKILLs itself mid-run; every survivor's next layer step must fail within the NCCL
+// communicator's timeout (5 s here) instead of hanging, and the survivors say so.
 #include <cuda_runtime.h>
+#include <signal.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstring>
 
 #include <cstdio>
 #include <string>
@@ -79,6 +87,41 @@ int main(int argc, char** argv) {
     if (host->rank() == 0)
       std::printf("%-18s P=%d nccl+%s: %s (max rel err %.2e)\n", s.name().c_str(), host->size(), backend->name().c_str(),
                   bad == 0 ? "ok" : "FAILED", worst);
+  }
+  if (argc > 1 && std::strcmp(argv[1], "--kill-last-rank") == 0) {
+    std::fflush(stdout);
+    auto fragile = make_nccl_communicator(host->rank(), host->size(), nccl_id_over(*host), device,
+                                          std::chrono::seconds(5));
+    Scenario s = all_scenarios().at(2);
+    s.d = 64;
+    s.layers = 1;
+    const CompressionWeights cw = s.compression();
+    ContextAttention attention(*backend, *fragile,
+                               ContextAttentionOptions{.attention = s.config, .layers = 1, .H = s.H, .G = s.G, .d = s.d,
+                                                       .kv_block = s.kv_block, .inv_freq = rope_inv_freq(s.d, 1e4),
+                                                       .compression = &cw});
+    const auto q = s.rows(0, 0, 0, 64), k = s.rows(0, 1, 0, 64), v = s.rows(0, 2, 0, 64);
+    BackendBuffer dq(*backend, q.size() * 4), dk(*backend, k.size() * 4), dv(*backend, v.size() * 4), dout(*backend, q.size() * 4);
+    backend->copy_to_backend(dq.data(), q.data(), q.size() * 4);
+    backend->copy_to_backend(dk.data(), k.data(), k.size() * 4);
+    backend->copy_to_backend(dv.data(), v.data(), v.size() * 4);
+    attention.forward(0, dq.as<float>(), dk.as<float>(), dv.as<float>(), 64, dout.as<float>());  // a good step
+    attention.commit_chunk(64);
+    if (host->rank() == host->size() - 1) raise(SIGKILL);
+    const auto start = std::chrono::steady_clock::now();
+    std::string error;
+    try {
+      attention.forward(0, dq.as<float>(), dk.as<float>(), dv.as<float>(), 1, dout.as<float>());
+    } catch (const std::exception& e) {
+      error = e.what();
+    }
+    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    const bool ok = !error.empty() && seconds < 20;
+    std::printf("rank %d: after the last rank died, the step failed after %.2f s: %s\n", host->rank(), seconds,
+                error.c_str());
+    if (host->rank() == 0) std::printf("%d passed, %d failed\n", passed + (ok ? 1 : 0), failed + (ok ? 0 : 1));
+    std::fflush(stdout);
+    _exit(failed == 0 && ok ? 0 : 1);  // MPI_Finalize would wait for the dead rank
   }
   if (host->rank() == 0) std::printf("%d passed, %d failed\n", passed, failed);
   return failed == 0 ? 0 : 1;
