@@ -4,8 +4,9 @@
 //
 // The reader validates everything a broken or hostile file can get wrong: header size limit
 // (100 MB, as the reference implementation), JSON shape, known dtypes, offsets in range and
-// not overlapping, prod(shape) * dtype size == span. Errors are Error(kInvalidArgument)
-// naming the file and the tensor or field.
+// not overlapping, prod(shape) * dtype size == span, no key twice. Errors are
+// Error(kInvalidArgument) naming the file and the tensor or field; a missing file is
+// Error(kNotFound), other system failures Error(kIo).
 #pragma once
 
 #include <cstdint>
