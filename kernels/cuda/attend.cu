@@ -114,10 +114,11 @@ void run_attend(const AttendParams& p, Workspace& workspace, cudaStream_t stream
   int device = 0, sms = 0;
   UNS_CUDA_CHECK(cudaGetDevice(&device));
   UNS_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  // Enough CTAs to fill the chip twice, but no split shorter than two tiles.
+  // Enough CTAs for 16 per SM (each is only a few warps and waits on loads), but no split
+  // shorter than two tiles.
   const int64_t ctas = static_cast<int64_t>(p.l_C) * p.G;
   const int64_t max_splits = std::max<int64_t>(1, (p.n + 2 * kTile - 1) / (2 * kTile));
-  const int splits = static_cast<int>(std::clamp<int64_t>((2 * sms + ctas - 1) / ctas, 1, std::min<int64_t>(max_splits, 1024)));
+  const int splits = static_cast<int>(std::clamp<int64_t>((16 * sms + ctas - 1) / ctas, 1, std::min<int64_t>(max_splits, 4096)));
   const int64_t rows_per_split = std::max<int64_t>(1, (p.n + splits - 1) / splits);
   const size_t rows = static_cast<size_t>(p.l_C) * p.H;
   auto* parts = static_cast<float*>(workspace.reserve(rows * splits * (D + 1) * sizeof(float)));
