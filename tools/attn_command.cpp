@@ -39,23 +39,33 @@ StepResult run_attention_case(const StepCase& step, const AttnOptions& options, 
 
 namespace {
 
-// xorshift normals: seeded, never zeros.
-class Random {
+// Hashed normals from (seed, stream, index), the generator of tests/support/test_data.h:
+// each tensor draws from its own stream, so e.g. a longer --p leaves q unchanged.
+uint64_t splitmix64(uint64_t x) {
+  x += 0x9e3779b97f4a7c15ull;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+
+class HashedRandom {
  public:
-  explicit Random(uint64_t seed) : state_(seed * 0x9e3779b97f4a7c15ull + 0x632be59bd9b4e019ull) {}
-  double uniform() {
-    state_ ^= state_ << 13;
-    state_ ^= state_ >> 7;
-    state_ ^= state_ << 17;
-    return (static_cast<double>(state_ >> 11) + 0.5) / 9007199254740992.0;
+  HashedRandom(uint64_t seed, uint64_t stream)
+      : key_(splitmix64(splitmix64(seed) ^ (stream * 0xd1b54a32d192ed03ull))) {}
+  // Uniform in (0, 1): never 0, so the log below is finite.
+  double uniform(uint64_t index) const {
+    return (static_cast<double>(splitmix64(key_ ^ (index * 0x9e3779b97f4a7c15ull)) >> 11) + 0.5) / 9007199254740992.0;
   }
-  float normal() {
-    return static_cast<float>(std::sqrt(-2 * std::log(uniform())) * std::cos(6.283185307179586 * uniform()));
+  float normal(uint64_t index) const {
+    const double u1 = uniform(2 * index), u2 = uniform(2 * index + 1);
+    return static_cast<float>(std::sqrt(-2.0 * std::log(u1)) * std::cos(6.283185307179586 * u2));
   }
 
  private:
-  uint64_t state_;
+  uint64_t key_;
 };
+
+enum Stream : uint64_t { kStreamQ = 1, kStreamK, kStreamV, kStreamWq, kStreamNeedles };
 
 struct MakeCaseOptions {
   std::string output;
@@ -82,18 +92,26 @@ void make_case(const MakeCaseOptions& o) {
   c.mode = parse_mode(o.mode);
   c.l_I = o.l_I; c.l_L = o.l_L; c.top_k = o.top_k; c.eps = o.eps; c.block = o.block; c.w = o.w;
   c.lag = o.lag; c.lag_ratio = o.lag_ratio;
-  UNS_CHECK(o.heads > 0 && o.kv_heads > 0 && o.heads % o.kv_heads == 0, "--heads must be a multiple of --kv-heads");
-  UNS_CHECK(o.head_dim > 0 && o.head_dim % 2 == 0 && o.rank > 0 && o.p >= 0 && o.chunk > 0, "bad shape options");
-  Random random(o.seed);
-  const auto fill = [&](std::vector<float>& values, size_t n, float scale) {
+  const auto require = [](bool ok, const std::string& message) {
+    if (!ok) fail(ErrorKind::kInvalidArgument, message);
+  };
+  require(o.heads > 0 && o.kv_heads > 0 && o.heads % o.kv_heads == 0,
+          fmt::format("--heads ({}) must be a positive multiple of --kv-heads ({})", o.heads, o.kv_heads));
+  require(o.head_dim > 0 && o.head_dim % 2 == 0, fmt::format("--head-dim ({}) must be positive and even", o.head_dim));
+  require(o.rank > 0, fmt::format("--rank ({}) must be > 0", o.rank));
+  require(o.p >= 0, fmt::format("--p ({}) must be >= 0", o.p));
+  require(o.chunk > 0, fmt::format("--chunk ({}) must be > 0", o.chunk));
+  require(o.needles >= 0, fmt::format("--needles ({}) must be >= 0", o.needles));
+  const auto fill = [&](std::vector<float>& values, size_t n, float scale, Stream stream) {
+    const HashedRandom random(o.seed, stream);
     values.resize(n);
-    for (auto& x : values) x = scale * random.normal();
+    for (size_t i = 0; i < n; ++i) values[i] = scale * random.normal(i);
   };
   const int dH = o.heads * o.head_dim, dK = o.kv_heads * o.head_dim;
-  fill(step.q, static_cast<size_t>(o.chunk) * dH, 1.0f);
-  fill(step.k, static_cast<size_t>(o.p + o.chunk) * dK, 1.0f);
-  fill(step.v, static_cast<size_t>(o.p + o.chunk) * dK, 1.0f);
-  fill(step.wq, static_cast<size_t>(o.rank) * dH, 1.0f / std::sqrt(static_cast<float>(o.rank)));
+  fill(step.q, static_cast<size_t>(o.chunk) * dH, 1.0f, kStreamQ);
+  fill(step.k, static_cast<size_t>(o.p + o.chunk) * dK, 1.0f, kStreamK);
+  fill(step.v, static_cast<size_t>(o.p + o.chunk) * dK, 1.0f, kStreamV);
+  fill(step.wq, static_cast<size_t>(o.rank) * dH, 1.0f / std::sqrt(static_cast<float>(o.rank)), kStreamWq);
   step.wk.assign(static_cast<size_t>(o.rank) * dK, 0.0f);
   const int group = o.heads / o.kv_heads;
   for (int j = 0; j < o.rank; ++j)  // wk[j, g*d+i] = sum over heads h of group g of wq[j, h*d+i]
@@ -117,9 +135,12 @@ void make_case(const MakeCaseOptions& o) {
     double norm = 0;
     for (float x : direction) norm += static_cast<double>(x) * x;
     const float scale = static_cast<float>(4.0 * std::sqrt(static_cast<double>(dK)) / std::sqrt(norm));
+    // One needle in each of `needles` equal stretches of M, at a seeded place within it.
+    const HashedRandom random(o.seed, kStreamNeedles);
     const int64_t stride = seg.m_size() / o.needles;
     for (int n = 0; n < o.needles; ++n) {
-      const int64_t t = seg.m_begin + n * stride + static_cast<int64_t>(random.uniform() * static_cast<double>(stride));
+      const int64_t t = seg.m_begin + n * stride +
+                        static_cast<int64_t>(random.uniform(static_cast<uint64_t>(n)) * static_cast<double>(stride));
       needles.push_back(t);
       for (int i = 0; i < dK; ++i) step.k[static_cast<size_t>(t) * dK + i] = scale * direction[static_cast<size_t>(i)];
     }

@@ -1,5 +1,6 @@
-// The `unshackle` command. Exit codes: 0 ok, 2 bad input (the message names the field or
-// file), 1 anything else.
+// The `unshackle` command. Exit codes: 0 ok, 2 bad input (bad arguments, a malformed or
+// missing case file, an unsupported setting: the message names the field or file), 1
+// anything else (I/O failure, a failed collective, an internal error).
 #include <CLI/CLI.hpp>
 #include <cstdio>
 
@@ -19,9 +20,7 @@ int main(int argc, char** argv) {
     switch (e.kind()) {
       case unshackle::ErrorKind::kInvalidArgument:
       case unshackle::ErrorKind::kNotFound:
-      case unshackle::ErrorKind::kUnsupported:
-      case unshackle::ErrorKind::kCapacity:
-      case unshackle::ErrorKind::kIo: return 2;
+      case unshackle::ErrorKind::kUnsupported: return 2;
       default: return 1;
     }
   } catch (const std::exception& e) {
