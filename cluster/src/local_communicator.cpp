@@ -11,6 +11,7 @@
 #include <mutex>
 
 #include "unshackle/cluster/communicator.h"
+#include "rank_order_reduce.h"
 #include "unshackle/common/check.h"
 
 namespace unshackle {
@@ -32,22 +33,6 @@ struct LocalGroup {
   std::map<std::pair<int, int>, std::deque<std::vector<unsigned char>>> mailboxes;  // (from, to)
 };
 
-template <typename T>
-void reduce_into(T* out, const unsigned char* all, size_t count, int ranks, ReduceOp op) {
-  const T* in = reinterpret_cast<const T*>(all);
-  for (size_t i = 0; i < count; ++i) {
-    T acc = in[i];
-    for (int r = 1; r < ranks; ++r) {
-      const T x = in[static_cast<size_t>(r) * count + i];
-      switch (op) {
-        case ReduceOp::kSum: acc = static_cast<T>(acc + x); break;
-        case ReduceOp::kMax: acc = std::max(acc, x); break;
-        case ReduceOp::kMin: acc = std::min(acc, x); break;
-      }
-    }
-    out[i] = acc;
-  }
-}
 
 class LocalCommunicator final : public Communicator {
  public:
@@ -71,13 +56,7 @@ class LocalCommunicator final : public Communicator {
     std::vector<unsigned char> all(bytes * static_cast<size_t>(size()));
     const std::vector<unsigned char> mine(static_cast<const unsigned char*>(send), static_cast<const unsigned char*>(send) + bytes);
     all_gather(mine.data(), all.data(), bytes);
-    switch (dtype) {
-      case DType::kF32: return reduce_into(static_cast<float*>(recv), all.data(), count, size(), op);
-      case DType::kF64: return reduce_into(static_cast<double*>(recv), all.data(), count, size(), op);
-      case DType::kI32: return reduce_into(static_cast<int32_t*>(recv), all.data(), count, size(), op);
-      case DType::kI64: return reduce_into(static_cast<int64_t*>(recv), all.data(), count, size(), op);
-      default: fail(ErrorKind::kUnsupported, fmt::format("all_reduce: dtype {} unsupported", dtype_name(dtype)));
-    }
+    detail::reduce_gathered(recv, all.data(), count, size(), dtype, op);
   }
 
   void broadcast(void* buffer, size_t bytes, int root) override {

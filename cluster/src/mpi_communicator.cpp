@@ -7,6 +7,7 @@
 #include <cstring>
 #include <thread>
 
+#include "rank_order_reduce.h"
 #include "unshackle/common/check.h"
 
 namespace unshackle {
@@ -16,18 +17,6 @@ constexpr int kPointToPointTag = 7;
 constexpr int kFirstCollectiveTag = 100;
 constexpr int kCollectiveTags = 30000;  // MPI guarantees tags up to 32767
 
-template <typename T>
-void reduce_into(T* out, const unsigned char* all, size_t count, int ranks, ReduceOp op) {
-  const T* in = reinterpret_cast<const T*>(all);
-  for (size_t i = 0; i < count; ++i) {
-    T acc = in[i];
-    for (int r = 1; r < ranks; ++r) {
-      const T x = in[static_cast<size_t>(r) * count + i];
-      acc = op == ReduceOp::kSum ? static_cast<T>(acc + x) : op == ReduceOp::kMax ? std::max(acc, x) : std::min(acc, x);
-    }
-    out[i] = acc;
-  }
-}
 
 class MpiCommunicator final : public Communicator {
  public:
@@ -65,13 +54,7 @@ class MpiCommunicator final : public Communicator {
     std::vector<unsigned char> all(bytes * static_cast<size_t>(size_));
     if (bytes) std::memcpy(all.data() + static_cast<size_t>(rank_) * bytes, send, bytes);
     all_gather(all.data() + static_cast<size_t>(rank_) * bytes, all.data(), bytes);
-    switch (dtype) {  // every rank reduces in rank order: identical bits everywhere
-      case DType::kF32: return reduce_into(static_cast<float*>(recv), all.data(), count, size_, op);
-      case DType::kF64: return reduce_into(static_cast<double*>(recv), all.data(), count, size_, op);
-      case DType::kI32: return reduce_into(static_cast<int32_t*>(recv), all.data(), count, size_, op);
-      case DType::kI64: return reduce_into(static_cast<int64_t*>(recv), all.data(), count, size_, op);
-      default: fail(ErrorKind::kUnsupported, fmt::format("all_reduce: dtype {} unsupported", dtype_name(dtype)));
-    }
+    detail::reduce_gathered(recv, all.data(), count, size_, dtype, op);
   }
 
   void broadcast(void* buffer, size_t bytes, int root) override {
