@@ -83,7 +83,7 @@ class LocalCommunicator final : public Communicator {
     UNS_CHECK(peer >= 0 && peer < size() && peer != rank_, "recv: bad peer {}", peer);
     std::unique_lock lock(group_->mutex);
     auto& box = group_->mailboxes[{peer, rank_}];
-    wait(lock, [&] { return !box.empty(); }, [&] { return fmt::format("recv timed out waiting for rank {}", peer); });
+    wait(lock, [&] { return !box.empty(); }, [&] { return fmt::format("recv on rank {} timed out after {} ms waiting for rank {}", rank_, timeout_.count(), peer); });
     UNS_CHECK_KIND(kComm, box.front().size() == bytes, "recv: rank {} sent {} bytes, expected {}", peer,
                    box.front().size(), bytes);
     if (bytes) std::memcpy(buffer, box.front().data(), bytes);
@@ -96,21 +96,22 @@ class LocalCommunicator final : public Communicator {
   }
 
   // Waits for `ready` under the group lock; on timeout marks the group broken and throws.
+  // A rank already waiting when another rank's wait expires throws the same timeout (it
+  // waited as long, for the same missing rank); later calls find the group broken (kComm).
   template <typename Ready, typename Describe>
   void wait(std::unique_lock<std::mutex>& lock, Ready ready, Describe describe) {
+    throw_if_broken();
     const auto deadline = std::chrono::steady_clock::now() + timeout_;
     while (!ready()) {
-      throw_if_broken();
-      if (group_->changed.wait_until(lock, deadline) == std::cv_status::timeout && !ready()) {
-        throw_if_broken();
-        const std::string reason = describe();
+      const bool expired = group_->changed.wait_until(lock, deadline) == std::cv_status::timeout;
+      if (group_->broken) fail(ErrorKind::kTimeout, group_->broken_reason);
+      if (expired && !ready()) {
         group_->broken = true;
-        group_->broken_reason = fmt::format("rank {}: {}", rank_, reason);
+        group_->broken_reason = describe();
         group_->changed.notify_all();
-        fail(ErrorKind::kTimeout, fmt::format("{} (after {} ms)", reason, timeout_.count()));
+        fail(ErrorKind::kTimeout, group_->broken_reason);
       }
     }
-    throw_if_broken();
   }
 
   std::string missing(const std::vector<uint64_t>& marks, uint64_t sequence) const {
@@ -118,6 +119,10 @@ class LocalCommunicator final : public Communicator {
     for (int r = 0; r < size(); ++r)
       if (marks[static_cast<size_t>(r)] < sequence) ranks += (ranks.empty() ? "" : ", ") + std::to_string(r);
     return ranks;
+  }
+
+  std::string timed_out(const char* op, const char* what, const std::string& ranks) const {
+    return fmt::format("{} timed out after {} ms waiting for rank {}{}", op, timeout_.count(), ranks, what);
   }
 
   void rendezvous(const char* op, const void* send, const std::function<void(const std::vector<const void*>&)>& copy) {
@@ -131,7 +136,7 @@ class LocalCommunicator final : public Communicator {
       return std::all_of(marks.begin(), marks.end(), [&](uint64_t m) { return m >= sequence; });
     };
     wait(lock, [&] { return all_at_least(group_->posted); },
-         [&] { return fmt::format("{} timed out waiting for rank {}", op, missing(group_->posted, sequence)); });
+         [&] { return timed_out(op, "", missing(group_->posted, sequence)); });
     const std::vector<const void*> sends = group_->send;
     lock.unlock();
     copy(sends);  // senders stay parked below until every rank has copied
@@ -139,7 +144,7 @@ class LocalCommunicator final : public Communicator {
     group_->copied[static_cast<size_t>(rank_)] = sequence;
     group_->changed.notify_all();
     wait(lock, [&] { return all_at_least(group_->copied); },
-         [&] { return fmt::format("{} timed out waiting for rank {} to finish", op, missing(group_->copied, sequence)); });
+         [&] { return timed_out(op, " to finish", missing(group_->copied, sequence)); });
   }
 
   std::shared_ptr<LocalGroup> group_;

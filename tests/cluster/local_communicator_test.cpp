@@ -3,8 +3,11 @@
 // rank and break the group.
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <numeric>
+#include <thread>
 
 #include "unshackle/cluster/communicator.h"
 #include "unshackle/common/check.h"
@@ -81,36 +84,89 @@ TEST_P(LocalComm, AllReduceEveryDtypeAndOp) {
 
 INSTANTIATE_TEST_SUITE_P(Ranks, LocalComm, ::testing::Values(1, 2, 3, 4));
 
-TEST(LocalComm, TimeoutNamesMissingRankAndBreaksGroup) {
-  const int ranks = 4, missing = 2;
-  std::vector<std::string> errors(ranks), later(ranks);
-  std::vector<double> seconds(ranks);
+// Ranks in `absent` never call all_gather; every other rank must throw kTimeout naming
+// exactly them within timeout + slack, and any later call on any rank throws kComm at once.
+void check_timeout(int ranks, const std::vector<int>& absent, const std::string& named) {
+  const auto timeout = std::chrono::milliseconds(300);
+  std::vector<std::string> errors(static_cast<size_t>(ranks)), later(static_cast<size_t>(ranks));
+  std::vector<ErrorKind> kinds(static_cast<size_t>(ranks), ErrorKind::kInternal);
+  std::vector<double> seconds(static_cast<size_t>(ranks)), later_seconds(static_cast<size_t>(ranks));
+  const auto seconds_since = [](std::chrono::steady_clock::time_point start) {
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  };
+  std::atomic<int> finished{0};
   run_local_ranks(ranks, [&](int rank, Communicator& comm) {
-    comm.set_timeout(std::chrono::milliseconds(300));
-    if (rank == missing) return;  // never calls
-    std::vector<int32_t> all(ranks);
-    const int32_t mine = rank;
-    const auto start = std::chrono::steady_clock::now();
-    try {
-      comm.all_gather(&mine, all.data(), sizeof mine);
-    } catch (const Error& e) {
-      errors[static_cast<size_t>(rank)] = e.what();
-      EXPECT_TRUE(e.kind() == ErrorKind::kTimeout || e.kind() == ErrorKind::kComm);
+    comm.set_timeout(timeout);
+    const bool gone = std::find(absent.begin(), absent.end(), rank) != absent.end();
+    const auto r = static_cast<size_t>(rank);
+    if (!gone) {
+      std::vector<int32_t> all(static_cast<size_t>(ranks));
+      const int32_t mine = rank;
+      const auto start = std::chrono::steady_clock::now();
+      try {
+        comm.all_gather(&mine, all.data(), sizeof mine);
+      } catch (const Error& e) {
+        errors[r] = e.what();
+        kinds[r] = e.kind();
+      }
+      seconds[r] = seconds_since(start);
+      ++finished;
+    } else {
+      while (finished.load() < ranks - static_cast<int>(absent.size())) std::this_thread::yield();
     }
-    seconds[static_cast<size_t>(rank)] = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    try {
+    const auto start = std::chrono::steady_clock::now();
+    try {  // the absent ranks too: the group is broken for everyone
       comm.barrier();
     } catch (const Error& e) {
-      later[static_cast<size_t>(rank)] = e.what();
-      EXPECT_EQ(e.kind(), ErrorKind::kComm);
+      later[r] = e.what();
+      kinds[r] = gone ? e.kind() : kinds[r];
+      EXPECT_EQ(e.kind(), ErrorKind::kComm) << "rank " << rank;
+    }
+    later_seconds[r] = seconds_since(start);
+  });
+  for (int rank = 0; rank < ranks; ++rank) {
+    const auto r = static_cast<size_t>(rank);
+    if (std::find(absent.begin(), absent.end(), rank) == absent.end()) {
+      EXPECT_EQ(kinds[r], ErrorKind::kTimeout) << "rank " << rank << ": " << errors[r];
+      EXPECT_EQ(errors[r], "all_gather timed out after 300 ms waiting for rank " + named) << "rank " << rank;
+      EXPECT_GE(seconds[r], 0.29) << "rank " << rank;
+      EXPECT_LT(seconds[r], 1.5) << "rank " << rank;
+    }
+    EXPECT_NE(later[r].find("communicator is broken: all_gather timed out"), std::string::npos) << later[r];
+    EXPECT_LT(later_seconds[r], 0.05) << "rank " << rank << ": later calls must fail at once";
+  }
+}
+
+TEST(LocalComm, TimeoutNamesMissingRankAndBreaksGroup) { check_timeout(4, {2}, "2"); }
+TEST(LocalComm, TimeoutNamesEveryMissingRank) { check_timeout(4, {1, 3}, "1, 3"); }
+TEST(LocalComm, TimeoutNamesTheLastRank) { check_timeout(2, {1}, "1"); }
+
+TEST(LocalComm, RecvFromSilentPeerTimesOut) {
+  std::string error;
+  run_local_ranks(3, [&](int rank, Communicator& comm) {
+    comm.set_timeout(std::chrono::milliseconds(200));
+    if (rank != 0) return;
+    int64_t value = 0;
+    try {
+      comm.recv(&value, sizeof value, 2);
+    } catch (const Error& e) {
+      EXPECT_EQ(e.kind(), ErrorKind::kTimeout);
+      error = e.what();
     }
   });
-  for (int r = 0; r < ranks; ++r) {
-    if (r == missing) continue;
-    EXPECT_NE(errors[static_cast<size_t>(r)].find("rank 2"), std::string::npos) << errors[static_cast<size_t>(r)];
-    EXPECT_LT(seconds[static_cast<size_t>(r)], 2.0);
-    EXPECT_NE(later[static_cast<size_t>(r)].find("broken"), std::string::npos) << later[static_cast<size_t>(r)];
-  }
+  EXPECT_EQ(error, "recv on rank 0 timed out after 200 ms waiting for rank 2");
+}
+
+TEST(LocalComm, RecvOfWrongSizeFails) {
+  run_local_ranks(2, [&](int rank, Communicator& comm) {
+    comm.set_timeout(std::chrono::seconds(5));
+    int64_t value = 42;
+    if (rank == 0) comm.send(&value, sizeof value, 1);
+    if (rank == 1) {
+      int32_t small = 0;
+      EXPECT_THROW(comm.recv(&small, sizeof small, 0), Error);
+    }
+  });
 }
 
 }  // namespace
