@@ -8,6 +8,7 @@
 #include <cstdint>
 
 #include "unshackle/common/dtype.h"
+#include "unshackle/kernels/params.h"
 
 namespace unshackle::cuda {
 

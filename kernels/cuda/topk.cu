@@ -1,57 +1,64 @@
-// Top-k by (value descending, token ascending) — the SPEC tie rule — as one descending radix
-// sort of unique 64-bit keys: the high word orders values (NaN lowest), the low word orders
-// tokens inverted, so a tie in value goes to the lower token and no two keys are equal.
-// Correct first; the ~10 µs radix-select of issue 5 replaces the full sort later.
+// Top-k launcher (kernel bodies and the method: topk.cuh). min(k, n) <= 4096 takes the radix
+// select (about nine small launches, no full sort); anything larger a full CUB radix sort of
+// the same keys. Both give the SPEC order exactly; the op synchronises to fill out_count.
 #include <cub/device/device_radix_sort.cuh>
 
 #include <algorithm>
 
-#include "common.cuh"
 #include "cuda_check.h"
 #include "launchers.h"
+#include "topk.cuh"
 
 namespace unshackle::cuda {
 namespace {
 
-__device__ __forceinline__ uint64_t ranking_key(float value, int64_t token) {
-  if (token < 0) return 0;  // padding: below everything
-  uint32_t bits = __float_as_uint(value);
-  if (value != value) bits = 0;  // NaN ranks below every number
-  else bits = (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
-  return (static_cast<uint64_t>(bits) << 32) | (0xffffffffu - static_cast<uint32_t>(token));
-}
-
-__global__ void make_keys_kernel(TopKParams p, uint64_t* keys, int32_t* index, unsigned long long* valid) {
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < p.n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    keys[i] = ranking_key(p.values[i], p.tokens[i]);
-    index[i] = static_cast<int32_t>(i);
-    if (p.tokens[i] >= 0) atomicAdd(valid, 1ull);
-  }
-}
-
-__global__ void gather_kernel(TopKParams p, const int32_t* sorted_index, const unsigned long long* valid) {
-  const int64_t count = min(static_cast<int64_t>(*valid), p.k);
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < p.k;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    if (i < count) {
-      const int32_t j = sorted_index[i];
-      p.out_values[i] = p.values[j];
-      p.out_tokens[i] = p.tokens[j];
-    } else {
-      p.out_values[i] = neg_inf();
-      p.out_tokens[i] = -1;
-    }
-  }
-}
-
 size_t align_up(size_t bytes) { return (bytes + 255) / 256 * 256; }
 
-}  // namespace
+int multiprocessors() {
+  int device = 0, sms = 0;
+  UNS_CUDA_CHECK(cudaGetDevice(&device));
+  UNS_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  return sms;
+}
 
-void launch_top_k(const TopKParams& p, Workspace& workspace, cudaStream_t stream) {
-  p.check();
-  UNS_CUDA_REQUIRE(kInvalidArgument, p.n < (int64_t{1} << 31), "top_k: " + std::to_string(p.n) + " candidates exceed one launch");
+// Returns the device address of the selected count.
+const uint32_t* radix_select(const TopKParams& p, Workspace& workspace, cudaStream_t stream) {
+  using namespace topk;
+  const size_t n = static_cast<size_t>(p.n);
+  const uint32_t wanted = static_cast<uint32_t>(std::min<int64_t>(p.k, p.n));
+  const size_t state_bytes = align_up(sizeof(State)), list_bytes = align_up(kMaxSorted * (sizeof(uint64_t) + 4));
+  const size_t buffer_bytes = align_up(std::max<size_t>(n, 1) * sizeof(Candidate));
+  auto* base = static_cast<unsigned char*>(workspace.reserve(state_bytes + list_bytes + 2 * buffer_bytes));
+  auto* state = reinterpret_cast<State*>(base);
+  auto* out_keys = reinterpret_cast<uint64_t*>(base + state_bytes);
+  auto* out_index = reinterpret_cast<uint32_t*>(out_keys + kMaxSorted);
+  Candidate* buffer[2] = {reinterpret_cast<Candidate*>(base + state_bytes + list_bytes),
+                          reinterpret_cast<Candidate*>(base + state_bytes + list_bytes + buffer_bytes)};
+  UNS_CUDA_CHECK(cudaMemsetAsync(state, 0, sizeof(State), stream));
+  const unsigned grid = static_cast<unsigned>(
+      std::clamp<int64_t>((p.n + kThreads * 8 - 1) / (kThreads * 8), 1, 4 * static_cast<int64_t>(multiprocessors())));
+  first_pass_kernel<<<grid, kThreads, 0, stream>>>(p, state, wanted);
+  UNS_CUDA_CHECK_LAUNCH();
+  filter_pass_kernel<1><<<grid, kThreads, 0, stream>>>(p, state, nullptr, buffer[1], out_keys, out_index, kMaxSorted);
+  filter_pass_kernel<2><<<grid, kThreads, 0, stream>>>(p, state, buffer[1], buffer[0], out_keys, out_index, kMaxSorted);
+  filter_pass_kernel<3><<<grid, kThreads, 0, stream>>>(p, state, buffer[0], buffer[1], out_keys, out_index, kMaxSorted);
+  filter_pass_kernel<4><<<grid, kThreads, 0, stream>>>(p, state, buffer[1], buffer[0], out_keys, out_index, kMaxSorted);
+  filter_pass_kernel<5><<<grid, kThreads, 0, stream>>>(p, state, buffer[0], buffer[1], out_keys, out_index, kMaxSorted);
+  filter_pass_kernel<6><<<grid, kThreads, 0, stream>>>(p, state, buffer[1], nullptr, out_keys, out_index, kMaxSorted);
+  UNS_CUDA_CHECK_LAUNCH();
+  uint32_t size = 2;
+  while (size < wanted) size <<= 1;
+  const int shared = static_cast<int>(size * (sizeof(uint64_t) + sizeof(uint32_t)));
+  UNS_CUDA_CHECK(cudaFuncSetAttribute(sort_output_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared));
+  sort_output_kernel<<<1, 1024, shared, stream>>>(p, state, out_keys, out_index);
+  UNS_CUDA_CHECK_LAUNCH();
+  return &state->selected;
+}
+
+const uint32_t* full_sort(const TopKParams& p, Workspace& workspace, cudaStream_t stream) {
+  using namespace topk;
+  UNS_CUDA_REQUIRE(kInvalidArgument, p.n < (int64_t{1} << 31),
+                   "top_k: " + std::to_string(p.n) + " candidates exceed one launch");
   const int n = static_cast<int>(p.n);
   size_t sort_bytes = 0;
   UNS_CUDA_CHECK(cub::DeviceRadixSort::SortPairsDescending(nullptr, sort_bytes, static_cast<const uint64_t*>(nullptr),
@@ -64,25 +71,36 @@ void launch_top_k(const TopKParams& p, Workspace& workspace, cudaStream_t stream
   auto* keys_out = reinterpret_cast<uint64_t*>(base + keys_bytes);
   auto* index_in = reinterpret_cast<int32_t*>(base + 2 * keys_bytes);
   auto* index_out = reinterpret_cast<int32_t*>(base + 2 * keys_bytes + index_bytes);
-  auto* valid = reinterpret_cast<unsigned long long*>(base + 2 * keys_bytes + 2 * index_bytes);
+  auto* valid = reinterpret_cast<uint32_t*>(base + 2 * keys_bytes + 2 * index_bytes);
   void* sort_temp = base + 2 * keys_bytes + 2 * index_bytes + 256;
-  UNS_CUDA_CHECK(cudaMemsetAsync(valid, 0, sizeof(unsigned long long), stream));
-  const unsigned blocks = static_cast<unsigned>(std::clamp<int64_t>((p.n + 255) / 256, 1, 4096));
+  UNS_CUDA_CHECK(cudaMemsetAsync(valid, 0, sizeof(uint32_t), stream));
   if (n > 0) {
-    make_keys_kernel<<<blocks, 256, 0, stream>>>(p, keys_in, index_in, valid);
+    const unsigned blocks = static_cast<unsigned>(std::clamp<int64_t>((p.n + 255) / 256, 1, 4096));
+    full_sort_keys_kernel<<<blocks, 256, 0, stream>>>(p, keys_in, index_in, valid);
     UNS_CUDA_CHECK_LAUNCH();
     UNS_CUDA_CHECK(cub::DeviceRadixSort::SortPairsDescending(sort_temp, sort_bytes, keys_in, keys_out, index_in,
                                                             index_out, n, 0, 64, stream));
   }
-  if (p.k > 0) {
-    gather_kernel<<<static_cast<unsigned>(std::clamp<int64_t>((p.k + 255) / 256, 1, 4096)), 256, 0, stream>>>(
-        p, index_out, valid);
-    UNS_CUDA_CHECK_LAUNCH();
+  full_sort_gather_kernel<<<static_cast<unsigned>(std::clamp<int64_t>((p.k + 255) / 256, 1, 4096)), 256, 0, stream>>>(
+      p, index_out, valid);
+  UNS_CUDA_CHECK_LAUNCH();
+  return valid;
+}
+
+}  // namespace
+
+void launch_top_k(const TopKParams& p, Workspace& workspace, cudaStream_t stream) {
+  p.check();
+  if (p.k == 0) {
+    *p.out_count = 0;
+    return;
   }
-  unsigned long long host_valid = 0;
-  UNS_CUDA_CHECK(cudaMemcpyAsync(&host_valid, valid, sizeof host_valid, cudaMemcpyDeviceToHost, stream));
+  const uint32_t* count = std::min(p.k, p.n) <= topk::kMaxSorted ? radix_select(p, workspace, stream)
+                                                                 : full_sort(p, workspace, stream);
+  uint32_t host_count = 0;
+  UNS_CUDA_CHECK(cudaMemcpyAsync(&host_count, count, sizeof host_count, cudaMemcpyDeviceToHost, stream));
   UNS_CUDA_CHECK(cudaStreamSynchronize(stream));
-  *p.out_count = std::min<int64_t>(static_cast<int64_t>(host_valid), p.k);
+  *p.out_count = std::min<int64_t>(static_cast<int64_t>(host_count), p.k);
 }
 
 }  // namespace unshackle::cuda

@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
 #include <numeric>
 
 #include "test_data.h"
@@ -247,6 +248,185 @@ TEST_F(CudaBackendTest, MergeAndLagKV) {
   EXPECT_EQ(download<float>(dext, ext.size()), ext);
   EXPECT_LT(relative_error(download<float>(dstd, stds.size()), stds), tolerance::kF32);
   EXPECT_LT(relative_error(download<float>(dscore, score.size()), score), tolerance::kF32);
+}
+
+
+// The scoring fast paths: every width they cover (64, 128, the exact fold's G*d = 1024),
+// chunks longer than one shared slice of queries (l_C = 40 > 32 at d_c = 128), rows lists,
+// and a misaligned key pointer (generic path), each against the CPU on identical values.
+TEST_F(CudaBackendTest, ScoresFastPathsWidthsSlicesRows) {
+  struct Case { int64_t n; int l_C; int d_c; bool rows; bool misaligned; };
+  const Case cases[] = {{4099, 1, 64, false, false},  {70001, 1, 128, true, false}, {97, 40, 128, false, false},
+                        {1031, 40, 128, true, false}, {3001, 3, 1024, false, false}, {513, 1, 1024, true, false},
+                        {777, 2, 128, false, true},   {1, 9, 64, true, false}};
+  for (const Case& cs : cases) {
+    for (DType dtype : {DType::kF32, DType::kBF16}) {
+      const int64_t store = cs.n + 13;
+      auto kc32 = normal_vector(static_cast<size_t>(store) * cs.d_c, 80 + static_cast<uint64_t>(cs.n));
+      const auto kc16 = to_bf16(kc32);
+      if (dtype == DType::kBF16)
+        for (size_t i = 0; i < kc32.size(); ++i) kc32[i] = bf16_to_float(kc16[i]);
+      const auto qc = normal_vector(static_cast<size_t>(cs.l_C) * cs.d_c, 81);
+      std::vector<int32_t> rows;
+      if (cs.rows)
+        for (int64_t i = 0; i < cs.n; ++i) rows.push_back(static_cast<int32_t>((i * 7919 + 5) % store));
+      const size_t bytes = kc32.size() * dtype_size(dtype);
+      // Misaligned: the keys start 4 bytes into the buffer.
+      const size_t shift = cs.misaligned ? 4 : 0;
+      std::vector<unsigned char> host(bytes + shift, 0x5a);
+      std::memcpy(host.data() + shift, dtype == DType::kF32 ? static_cast<const void*>(kc32.data()) : kc16.data(), bytes);
+      auto dkc = upload(host), dqc = upload(qc), drows = upload(rows);
+      const void* gpu_kc = static_cast<const unsigned char*>(dkc.data()) + shift;
+      std::vector<float> want_max(static_cast<size_t>(cs.l_C)), want(static_cast<size_t>(cs.n));
+      ScoreParams p{.qc = qc.data(), .kc = host.data() + shift, .kc_dtype = dtype, .rows = cs.rows ? rows.data() : nullptr,
+                    .n = cs.n, .l_C = cs.l_C, .d_c = cs.d_c, .query_max_out = want_max.data(), .score_out = want.data()};
+      cpu->score_query_max(p);
+      p.row_max = want_max.data();
+      cpu->score_chunk(p);
+      auto dmax = poisoned(static_cast<size_t>(cs.l_C)), dscore = poisoned(static_cast<size_t>(cs.n));
+      ScoreParams g = p;
+      g.qc = dqc.as<float>(); g.kc = gpu_kc; g.rows = cs.rows ? drows.as<int32_t>() : nullptr;
+      g.query_max_out = dmax.as<float>(); g.score_out = dscore.as<float>(); g.row_max = nullptr;
+      gpu->score_query_max(g);
+      g.row_max = dmax.as<float>();
+      gpu->score_chunk(g);
+      SCOPED_TRACE("n " + std::to_string(cs.n) + " l_C " + std::to_string(cs.l_C) + " d_c " + std::to_string(cs.d_c) +
+                   (cs.rows ? " rows" : "") + (cs.misaligned ? " misaligned " : " ") + std::string(dtype_name(dtype)));
+      EXPECT_LT(relative_error(download<float>(dmax, want_max.size()), want_max), tolerance::kF32);
+      // score = s - row_max: a difference of two ~unit numbers, so an absolute bound.
+      const auto got = download<float>(dscore, want.size());
+      double worst = 0;
+      for (size_t i = 0; i < want.size(); ++i) worst = std::max(worst, std::fabs(static_cast<double>(got[i]) - want[i]));
+      EXPECT_LT(worst, 2e-4 * std::sqrt(static_cast<double>(cs.d_c))) << testing::first_offenders(got, want, 1e-4);
+    }
+  }
+}
+
+// Top-k corner cases of the radix select, exactly as the CPU: every value equal (the order is
+// decided by the token alone, through all six digits), few distinct values, NaN, -0/+0, -inf,
+// shuffled tokens, padding, k at the radix-select limit (4096) and just past it (full sort),
+// and 2M candidates.
+TEST_F(CudaBackendTest, TopKCornerCasesExactly) {
+  struct Case { int64_t n; int kind; };
+  const Case cases[] = {{70001, 0}, {70001, 1}, {4099, 2}, {262144, 3}, {2097152, 4}, {5000, 5}};
+  for (const Case& cs : cases) {
+    const size_t n = static_cast<size_t>(cs.n);
+    auto values = normal_vector(n, 90 + static_cast<uint64_t>(cs.kind));
+    std::vector<int64_t> tokens(n);
+    for (size_t i = 0; i < n; ++i) tokens[i] = static_cast<int64_t>((i * 2654435761ull) % 4294967291ull);  // distinct, up to 2^32 - 5
+    switch (cs.kind) {
+      case 0: std::fill(values.begin(), values.end(), 1.25f); break;                  // all equal
+      case 1: for (auto& v : values) v = std::round(v * 2.0f) / 2.0f; break;           // few distinct values
+      case 2:                                                                          // specials
+        for (size_t i = 0; i < n; i += 5) values[i] = std::nanf("");
+        for (size_t i = 1; i < n; i += 11) values[i] = -0.0f;
+        for (size_t i = 2; i < n; i += 11) values[i] = 0.0f;
+        for (size_t i = 3; i < n; i += 13) values[i] = -INFINITY;
+        for (size_t i = 4; i < n; i += 17) values[i] = INFINITY;
+        break;
+      case 3: for (size_t i = 0; i < n; i += 3) tokens[i] = -1 - static_cast<int64_t>(i); break;  // padding
+      case 5: for (size_t i = 0; i < n; ++i) values[i] = i % 2 ? std::nanf("") : -INFINITY; break;
+      default: break;
+    }
+    auto dv = upload(values), dt = upload(tokens);
+    for (int64_t k : {int64_t{1}, int64_t{2048}, int64_t{4096}, int64_t{4097}}) {
+      std::vector<float> want_v(static_cast<size_t>(k));
+      std::vector<int64_t> want_t(static_cast<size_t>(k));
+      int64_t want_count = 0, got_count = -1;
+      cpu->top_k({.values = values.data(), .tokens = tokens.data(), .n = cs.n, .k = k, .out_values = want_v.data(),
+                  .out_tokens = want_t.data(), .out_count = &want_count});
+      auto ov = poisoned(static_cast<size_t>(k)), ot = upload(std::vector<int64_t>(static_cast<size_t>(k), 77));
+      gpu->top_k({.values = dv.as<float>(), .tokens = dt.as<int64_t>(), .n = cs.n, .k = k, .out_values = ov.as<float>(),
+                  .out_tokens = ot.as<int64_t>(), .out_count = &got_count});
+      SCOPED_TRACE("n " + std::to_string(cs.n) + " kind " + std::to_string(cs.kind) + " k " + std::to_string(k));
+      EXPECT_EQ(got_count, want_count);
+      EXPECT_EQ(download<int64_t>(ot, static_cast<size_t>(k)), want_t);
+      // Bitwise (NaN == NaN, -0 != +0): the kernel returns the input values themselves.
+      const auto got_v = download<float>(ov, static_cast<size_t>(k));
+      std::vector<uint32_t> got_bits(got_v.size()), want_bits(want_v.size());
+      std::memcpy(got_bits.data(), got_v.data(), got_v.size() * 4);
+      std::memcpy(want_bits.data(), want_v.data(), want_v.size() * 4);
+      EXPECT_EQ(got_bits, want_bits);
+    }
+  }
+  // Empty input and k = 0.
+  int64_t count = -1;
+  auto ov = poisoned(3), ot = upload(std::vector<int64_t>(3, 77)), dv = poisoned(1), dt = upload(std::vector<int64_t>(1, 0));
+  gpu->top_k({.values = dv.as<float>(), .tokens = dt.as<int64_t>(), .n = 0, .k = 3, .out_values = ov.as<float>(),
+              .out_tokens = ot.as<int64_t>(), .out_count = &count});
+  EXPECT_EQ(count, 0);
+  EXPECT_EQ(download<int64_t>(ot, 3), std::vector<int64_t>(3, -1));
+  for (float x : download<float>(ov, 3)) EXPECT_EQ(x, -INFINITY);
+}
+
+// Attention fast-path coverage: every GQA group it instantiates (1, 2, 4, 8) and the generic
+// kernel (16), many splits (70001 rows), positions near 1M (RoPE angles of ~10^6 radians),
+// a fully masked chunk (causal, every key after the query: lse -inf, o 0), contiguous rows.
+TEST_F(CudaBackendTest, AttendGroupsSplitsFarPositionsMasked) {
+  struct Case { int H; int G; int d; int64_t n; int l_C; bool rows; int64_t token0; };
+  const Case cases[] = {{8, 8, 128, 1000, 1, true, 0},          {16, 8, 64, 3001, 2, false, 5},
+                        {32, 8, 128, 70001, 1, false, 1000000}, {64, 8, 128, 2049, 3, true, 999000},
+                        {32, 2, 64, 517, 2, true, 7},           {32, 8, 128, 6272, 1, true, 1048000}};
+  for (const Case& cs : cases) {
+    for (DType dtype : {DType::kF32, DType::kBF16}) {
+      for (bool global : {false, true}) {
+        const int64_t store = cs.n + 31;
+        const size_t width = static_cast<size_t>(cs.G) * cs.d;
+        auto k = normal_vector(static_cast<size_t>(store) * width, 100 + static_cast<uint64_t>(cs.n));
+        auto v = normal_vector(static_cast<size_t>(store) * width, 101 + static_cast<uint64_t>(cs.n));
+        const auto kb = to_bf16(k), vb = to_bf16(v);
+        if (dtype == DType::kBF16)
+          for (size_t i = 0; i < k.size(); ++i) { k[i] = bf16_to_float(kb[i]); v[i] = bf16_to_float(vb[i]); }
+        const auto q = normal_vector(static_cast<size_t>(cs.l_C) * cs.H * cs.d, 102, 0.5f);
+        std::vector<int64_t> tokens(static_cast<size_t>(store));
+        std::iota(tokens.begin(), tokens.end(), cs.token0);
+        std::vector<int32_t> rows;
+        if (cs.rows)
+          for (int64_t i = 0; i < cs.n; ++i) rows.push_back(static_cast<int32_t>((i * 7919 + 3) % store));
+        const auto inv = rope_inv_freq(cs.d, 500000.0);
+        const size_t outs = static_cast<size_t>(cs.l_C) * cs.H;
+        std::vector<float> want_o(outs * cs.d), want_lse(outs);
+        AttendParams p{.q = q.data(), .q_token0 = cs.token0 + store - cs.l_C,
+                       .k = dtype == DType::kF32 ? static_cast<const void*>(k.data()) : kb.data(),
+                       .v = dtype == DType::kF32 ? static_cast<const void*>(v.data()) : vb.data(), .kv_dtype = dtype,
+                       .key_tokens = tokens.data(), .rows = cs.rows ? rows.data() : nullptr, .n = cs.n, .l_C = cs.l_C,
+                       .H = cs.H, .G = cs.G, .d = cs.d, .causal = !global,
+                       .positions = global ? PositionScheme::kGlobal : PositionScheme::kRelative, .origin = 0,
+                       .query_position = 4096, .inv_freq = inv.data(),
+                       .scale = 1.0f / std::sqrt(static_cast<float>(cs.d)), .o = want_o.data(), .lse = want_lse.data()};
+        cpu->attend(p);
+        auto dq = upload(q), dtok = upload(tokens), drows = upload(rows), dinv = upload(inv);
+        BackendBuffer dk = dtype == DType::kF32 ? upload(k) : upload(kb), dv = dtype == DType::kF32 ? upload(v) : upload(vb);
+        auto dout = poisoned(want_o.size()), dlse = poisoned(want_lse.size());
+        AttendParams g = p;
+        g.q = dq.as<float>(); g.k = dk.data(); g.v = dv.data(); g.key_tokens = dtok.as<int64_t>();
+        g.rows = cs.rows ? drows.as<int32_t>() : nullptr; g.inv_freq = dinv.as<float>();
+        g.o = dout.as<float>(); g.lse = dlse.as<float>();
+        gpu->attend(g);
+        SCOPED_TRACE("H " + std::to_string(cs.H) + " G " + std::to_string(cs.G) + " d " + std::to_string(cs.d) + " n " +
+                     std::to_string(cs.n) + " l_C " + std::to_string(cs.l_C) + " " + std::string(dtype_name(dtype)) +
+                     (global ? " global" : " relative"));
+        const auto got_o = download<float>(dout, want_o.size()), got_lse = download<float>(dlse, want_lse.size());
+        EXPECT_LT(relative_error(got_o, want_o), tolerance::kF32) << testing::first_offenders(got_o, want_o, 1e-4);
+        EXPECT_LT(relative_error(got_lse, want_lse), tolerance::kF32);
+      }
+    }
+  }
+  // Causal and every key after the query: nothing visible.
+  const int H = 32, G = 8, d = 128;
+  const int64_t n = 300;
+  const auto k = normal_vector(static_cast<size_t>(n) * G * d, 110), v = normal_vector(static_cast<size_t>(n) * G * d, 111);
+  const auto q = normal_vector(static_cast<size_t>(2) * H * d, 112);
+  std::vector<int64_t> tokens(static_cast<size_t>(n));
+  std::iota(tokens.begin(), tokens.end(), 500);
+  const auto inv = rope_inv_freq(d, 500000.0);
+  auto dq = upload(q), dk = upload(k), dv = upload(v), dtok = upload(tokens), dinv = upload(inv);
+  auto dout = poisoned(static_cast<size_t>(2) * H * d), dlse = poisoned(static_cast<size_t>(2) * H);
+  gpu->attend({.q = dq.as<float>(), .q_token0 = 100, .k = dk.data(), .v = dv.data(), .key_tokens = dtok.as<int64_t>(),
+               .n = n, .l_C = 2, .H = H, .G = G, .d = d, .causal = true, .origin = 0, .inv_freq = dinv.as<float>(),
+               .scale = 0.088f, .o = dout.as<float>(), .lse = dlse.as<float>()});
+  for (float x : download<float>(dout, static_cast<size_t>(2) * H * d)) EXPECT_EQ(x, 0.0f);
+  for (float x : download<float>(dlse, static_cast<size_t>(2) * H)) EXPECT_EQ(x, -INFINITY);
 }
 
 }  // namespace
