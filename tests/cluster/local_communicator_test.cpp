@@ -9,6 +9,7 @@
 #include <numeric>
 #include <thread>
 
+#include "collective_checks.h"
 #include "unshackle/cluster/communicator.h"
 #include "unshackle/common/check.h"
 
@@ -80,6 +81,22 @@ TEST_P(LocalComm, AllReduceEveryDtypeAndOp) {
   check_all_reduce<double>(GetParam(), DType::kF64);
   check_all_reduce<int32_t>(GetParam(), DType::kI32);
   check_all_reduce<int64_t>(GetParam(), DType::kI64);
+}
+
+// The suite every communicator runs (MPI and NCCL too), here on threads.
+TEST_P(LocalComm, SharedCollectiveChecks) {
+  const int ranks = GetParam();
+  std::vector<cluster_checks::CheckLog> logs(static_cast<size_t>(ranks));
+  run_local_ranks(ranks, [&](int rank, Communicator& comm) {
+    comm.set_timeout(std::chrono::seconds(30));
+    cluster_checks::HostMemory memory;
+    for (int round = 0; round < 2; ++round) cluster_checks::check_collectives(comm, memory, logs[static_cast<size_t>(rank)]);
+  });
+  for (const auto& log : logs) {
+    EXPECT_EQ(log.failed, 0);
+    EXPECT_GT(log.passed, 30);
+    for (const std::string& failure : log.failures) ADD_FAILURE() << failure;
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(Ranks, LocalComm, ::testing::Values(1, 2, 3, 4));
