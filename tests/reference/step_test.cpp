@@ -260,6 +260,19 @@ TEST(Properties, BlockModeSelectsWholeBlocks) {
     }
 }
 
+TEST(Properties, BlockModeWithKBelowOneBlockSelectsNothing) {
+  // floor(k / block) = floor(3 / 5) = 0 blocks while |M| > k: nothing is selected, and the
+  // output is the streaming one.
+  StepCase c = make_case(kGqa4, AttentionMode::kBlock, 250, 7, 0, 2350);
+  c.config.top_k = 3;
+  const StepResult r = reference_step(c);
+  EXPECT_TRUE(r.selected.empty());
+  StepCase streaming = c;
+  streaming.config.mode = AttentionMode::kStreaming;
+  EXPECT_EQ(r.o, reference_step(streaming).o);
+  expect_step_matches(c, "block k < block");
+}
+
 TEST(Properties, StreamingAttendsOnlyInitialLocalAndChunk) {
   const StepCase base = make_case(kGqa4, AttentionMode::kStreaming, 250, 7, 0, 2400);
   const auto before = reference_step(base).o;
