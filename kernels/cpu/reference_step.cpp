@@ -147,9 +147,9 @@ StepResult reference_step(const StepCase& step) {
     backend->score_chunk(score);
     std::vector<int64_t> mid_tokens(middle.begin(), middle.end());
 
-    if (n_mid <= cfg.top_k) {
-      result.selected = mid_tokens;  // |M| <= k: all of M
-    } else if (cfg.mode == AttentionMode::kBlock) {
+    if (cfg.mode != AttentionMode::kBlock && n_mid <= cfg.top_k) {
+      result.selected = mid_tokens;  // SPEC §3: |M| <= k selects all of M
+    } else if (cfg.mode == AttentionMode::kBlock) {  // SPEC §5: always the floor(k / block) best blocks
       const int64_t n_blocks = (seg.m_end - seg.m_begin + cfg.block - 1) / cfg.block;
       std::vector<float> block_score(static_cast<size_t>(n_blocks), -std::numeric_limits<float>::infinity());
       std::vector<int64_t> block_id(static_cast<size_t>(n_blocks));
@@ -157,7 +157,6 @@ StepResult reference_step(const StepCase& step) {
       for (int64_t i = 0; i < n_mid; ++i) {
         const auto b = static_cast<size_t>((mid_tokens[static_cast<size_t>(i)] - cfg.l_I) / cfg.block);
         block_score[b] = std::max(block_score[b], F[static_cast<size_t>(i)]);
-        (void)b;
       }
       // A block whose tokens were all evicted is no candidate.
       for (int64_t b = 0; b < n_blocks; ++b) {

@@ -348,11 +348,10 @@ std::vector<int64_t> ContextAttention::select_blocks(int layer, const Segments& 
   }
   all_reduce_host(block_score.data(), block_score.size(), DType::kF32, ReduceOp::kMax, stats);
 
+  // SPEC §5: the floor(k / block) best blocks, also when M would fit in k (blocks whose
+  // tokens were all evicted score -inf and are no candidates).
   std::vector<bool> chosen(static_cast<size_t>(n_blocks), false);
-  const int64_t survivors = seg.m_size() - evicted_count_[static_cast<size_t>(layer)];
-  if (survivors <= cfg.top_k) {
-    std::fill(chosen.begin(), chosen.end(), true);  // |M| <= k: all of M
-  } else {
+  {
     std::vector<int64_t> ids(static_cast<size_t>(n_blocks));
     for (int64_t b = 0; b < n_blocks; ++b) ids[static_cast<size_t>(b)] = block_score[static_cast<size_t>(b)] == kNegInf ? -1 : b;
     const int64_t want = cfg.top_k / cfg.block;
