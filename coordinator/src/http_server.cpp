@@ -1,0 +1,242 @@
+#include "unshackle/coordinator/http_server.h"
+
+#include <boost/beast/core.hpp>
+#include <boost/beast/http.hpp>
+#include <fmt/format.h>
+
+#include <cstdio>
+#include <optional>
+
+namespace unshackle::coord {
+
+namespace net = boost::asio;
+namespace beast = boost::beast;
+namespace http = beast::http;
+using nlohmann::json;
+
+namespace {
+
+class Session : public std::enable_shared_from_this<Session> {
+ public:
+  Session(net::ip::tcp::socket socket, std::shared_ptr<HttpServer::Shared> shared)
+      : stream_(std::move(socket)), shared_(std::move(shared)) {}
+  ~Session() {
+    --shared_->connections;
+    if (job_ && !job_->done()) shared_->scheduler.cancel_job(job_->id);  // the client went away
+  }
+
+  void run() {
+    net::dispatch(stream_.get_executor(), [self = shared_from_this()] { self->do_read(true); });
+  }
+
+ private:
+  void do_read(bool first) {
+    parser_.emplace();
+    parser_->header_limit(shared_->options.header_limit);
+    parser_->body_limit(shared_->options.body_limit);
+    stream_.expires_after(first ? shared_->options.io_timeout : shared_->options.idle_timeout);
+    // The first bytes of a keep-alive request may take idle_timeout; the rest must follow.
+    http::async_read(stream_, buffer_, *parser_, [self = shared_from_this()](beast::error_code ec, size_t) { self->on_read(ec); });
+  }
+
+  void on_read(beast::error_code ec) {
+    if (ec == http::error::end_of_stream || ec == net::error::eof || ec == beast::error::timeout ||
+        ec == net::error::operation_aborted || ec == net::error::connection_reset)
+      return close();
+    if (ec == http::error::body_limit) {
+      keep_alive_ = false;
+      return write(error_response(ApiError(413, fmt::format("The request body exceeds the limit of {} bytes", shared_->options.body_limit), "",
+                                           "request_too_large")));
+    }
+    if (ec == http::error::header_limit) {
+      keep_alive_ = false;
+      return write(error_response(ApiError(431, "The request headers are too large", "", "headers_too_large")));
+    }
+    if (ec) {
+      keep_alive_ = false;
+      return write(error_response(ApiError(400, fmt::format("Malformed HTTP request: {}", ec.message()), "", "bad_http")));
+    }
+    auto& req = parser_->get();
+    keep_alive_ = req.keep_alive();
+    version_ = req.version();
+    HttpRequest request;
+    request.method = std::string(req.method_string());
+    request.target = std::string(req.target());
+    request.authorization = std::string(req[http::field::authorization]);
+    request.content_type = std::string(req[http::field::content_type]);
+    request.body = std::move(req.body());
+    head_ = request.method == "HEAD";
+    Reply reply = shared_->router.handle(request);
+    switch (reply.mode) {
+      case Reply::Mode::kResponse: return write(std::move(reply.response));
+      case Reply::Mode::kWait: return follow(std::move(reply.job), false, false);
+      case Reply::Mode::kStream: return follow(std::move(reply.job), true, reply.include_usage);
+    }
+  }
+
+  void write(HttpResponse response) {
+    auto res = std::make_shared<http::response<http::string_body>>(static_cast<http::status>(response.status), version_);
+    res->set(http::field::server, "unshackle");
+    res->set(http::field::content_type, response.content_type);
+    for (const auto& [name, value] : response.headers) res->set(name, value);
+    res->keep_alive(keep_alive_);
+    res->body() = std::move(response.body);
+    res->prepare_payload();
+    if (head_) res->body().clear();
+    stream_.expires_after(shared_->options.io_timeout);
+    http::async_write(stream_, *res, [self = shared_from_this(), res](beast::error_code ec, size_t) {
+      if (ec || !self->keep_alive_) return self->close();
+      self->job_.reset();
+      self->do_read(false);
+    });
+  }
+
+  // A job the session waits for (whole response at the end) or streams (SSE).
+  void follow(std::shared_ptr<Job> job, bool stream, bool include_usage) {
+    job_ = std::move(job);
+    streaming_ = stream;
+    include_usage_ = include_usage;
+    sent_ = 0;
+    finished_ = false;
+    stream_.expires_never();
+    std::weak_ptr<Session> weak = shared_from_this();
+    auto executor = stream_.get_executor();
+    if (stream) {
+      header_.emplace(http::status::ok, version_);
+      header_->set(http::field::server, "unshackle");
+      header_->set(http::field::content_type, "text/event-stream");
+      header_->set(http::field::cache_control, "no-cache");
+      header_->keep_alive(keep_alive_);
+      header_->chunked(true);
+      serializer_.emplace(*header_);
+      writing_ = true;
+      stream_.expires_after(shared_->options.io_timeout);
+      http::async_write_header(stream_, *serializer_, [self = shared_from_this()](beast::error_code ec, size_t) {
+        self->writing_ = false;
+        if (ec) return self->close();
+        self->pump();
+      });
+    }
+    job_->set_listener([weak, executor] {
+      net::post(executor, [weak] {
+        if (auto self = weak.lock()) self->pump();
+      });
+    });
+  }
+
+  void pump() {
+    if (!job_ || writing_ || finished_) return;
+    const Job::State s = job_->snapshot();
+    if (!streaming_) {
+      if (!s.finished) return;
+      finished_ = true;
+      auto job = job_;
+      job->set_listener(nullptr);
+      return write(completion_response(*job));
+    }
+    const std::string model = s.model.empty() ? job_->spec.model : s.model;
+    out_.clear();
+    if (s.text.size() > sent_) {
+      out_ += sse_event(stream_chunk(*job_, model, s.text.substr(sent_), nullptr));
+      sent_ = s.text.size();
+    }
+    if (s.finished) {
+      finished_ = true;
+      job_->set_listener(nullptr);
+      if (s.phase == JobPhase::kCompleted) {
+        out_ += sse_event(stream_chunk(*job_, model, "", s.finish_reason));
+        if (include_usage_) {
+          json usage = completion_json(*job_, s)["usage"];
+          json chunk = stream_chunk(*job_, model, "", nullptr);
+          chunk["choices"] = json::array();
+          chunk["usage"] = usage;
+          out_ += sse_event(chunk);
+        }
+      } else {
+        // Headers are sent: the failure goes in band, as vLLM does.
+        out_ += sse_event(error_json(job_error(s)));
+      }
+      out_ += "data: [DONE]\n\n";
+    }
+    if (out_.empty()) return;
+    writing_ = true;
+    stream_.expires_after(shared_->options.io_timeout);
+    net::async_write(stream_, http::make_chunk(net::buffer(out_)), [self = shared_from_this()](beast::error_code ec, size_t) {
+      self->writing_ = false;
+      if (ec) return self->close();  // the destructor cancels the job
+      if (!self->finished_) return self->pump();
+      self->stream_.expires_after(self->shared_->options.io_timeout);
+      net::async_write(self->stream_, http::make_chunk_last(), [self](beast::error_code ec2, size_t) {
+        if (ec2 || !self->keep_alive_) return self->close();
+        self->job_.reset();
+        self->header_.reset();
+        self->serializer_.reset();
+        self->streaming_ = false;
+        self->do_read(false);
+      });
+    });
+  }
+
+  void close() {
+    if (job_ && !job_->done()) {
+      job_->set_listener(nullptr);
+      shared_->scheduler.cancel_job(job_->id);
+    }
+    beast::error_code ec;
+    stream_.socket().shutdown(net::ip::tcp::socket::shutdown_both, ec);
+    stream_.close();
+  }
+
+  beast::tcp_stream stream_;
+  std::shared_ptr<HttpServer::Shared> shared_;
+  beast::flat_buffer buffer_;
+  std::optional<http::request_parser<http::string_body>> parser_;
+  bool keep_alive_ = false, head_ = false;
+  unsigned version_ = 11;
+  std::shared_ptr<Job> job_;
+  bool streaming_ = false, include_usage_ = false, writing_ = false, finished_ = false;
+  size_t sent_ = 0;
+  std::string out_;
+  std::optional<http::response<http::empty_body>> header_;
+  std::optional<http::response_serializer<http::empty_body>> serializer_;
+};
+
+}  // namespace
+
+HttpServer::HttpServer(net::io_context& ioc, Router& router, Scheduler& scheduler, HttpOptions options)
+    : ioc_(ioc), acceptor_(ioc), shared_(std::make_shared<Shared>(router, scheduler, options)) {}
+
+uint16_t HttpServer::listen(const std::string& address, uint16_t port) {
+  const net::ip::tcp::endpoint endpoint(net::ip::make_address(address), port);
+  acceptor_.open(endpoint.protocol());
+  acceptor_.set_option(net::socket_base::reuse_address(true));
+  acceptor_.bind(endpoint);
+  acceptor_.listen(net::socket_base::max_listen_connections);
+  do_accept();
+  return acceptor_.local_endpoint().port();
+}
+
+void HttpServer::stop() {
+  net::post(ioc_, [this] {
+    beast::error_code ec;
+    acceptor_.close(ec);
+  });
+}
+
+void HttpServer::do_accept() {
+  acceptor_.async_accept(net::make_strand(ioc_), [this](beast::error_code ec, net::ip::tcp::socket socket) {
+    if (!acceptor_.is_open()) return;
+    if (!ec) {
+      if (shared_->connections.load() >= shared_->options.max_connections) {
+        beast::error_code ignored;
+        socket.close(ignored);  // over the connection limit
+      } else {
+        ++shared_->connections;
+        std::make_shared<Session>(std::move(socket), shared_)->run();
+      }
+    }
+    do_accept();
+  });
+}
+
+}  // namespace unshackle::coord
