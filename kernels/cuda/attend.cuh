@@ -10,7 +10,8 @@
 // in registers, with the next rows' K/V already loaded while the current ones are used;
 // workers are combined through shared memory at the end. RoPE's rotate-half partner of a
 // lane's elements sits L/2 lanes away (one shuffle). Angles: position * inv_freq reduced in
-// double, then sincosf (rope_sincos).
+// double, then sincosf for the queries and the hardware __sincosf for the keys (every row's
+// rotation is the kernel's main arithmetic; see common.cuh for the error bounds).
 #pragma once
 
 #include "common.cuh"
@@ -43,7 +44,7 @@ __device__ __forceinline__ void unpack(const uint4& raw, float* out, __nv_bfloat
 }
 
 // Rotates this lane's E elements (element lane * E + e of the head) by RoPE at `position`.
-template <int E, int L>
+template <int E, int L, bool kFast>
 __device__ __forceinline__ void rope_lane(float* x, int lane, int64_t position, const float* inv_freq) {
   const bool first_half = lane < L / 2;
   const int f0 = (lane % (L / 2)) * E;
@@ -51,7 +52,8 @@ __device__ __forceinline__ void rope_lane(float* x, int lane, int64_t position, 
   for (int e = 0; e < E; ++e) {
     const float partner = __shfl_xor_sync(0xffffffffu, x[e], L / 2);
     float s, c;
-    rope_sincos(position, inv_freq[f0 + e], &s, &c);
+    if (kFast) rope_sincos_fast(position, inv_freq[f0 + e], &s, &c);
+    else rope_sincos(position, inv_freq[f0 + e], &s, &c);
     x[e] = first_half ? x[e] * c - partner * s : x[e] * c + partner * s;
   }
 }
@@ -94,7 +96,7 @@ __global__ void __launch_bounds__(kThreads, 4) attend_rows_kernel(AttendParams p
       x[e] = src[e];
       acc[h][e] = 0;
     }
-    rope_lane<E, L>(x, lane, query_position, p.inv_freq);
+    rope_lane<E, L, false>(x, lane, query_position, p.inv_freq);
     if (worker == 0) {
 #pragma unroll
       for (int e = 0; e < E; ++e) query[h][lane * E + e] = x[e];
@@ -134,7 +136,7 @@ __global__ void __launch_bounds__(kThreads, 4) attend_rows_kernel(AttendParams p
       unpack(raw_v[r], value[r], T{});
       const bool live = row[r] >= 0;
       const int64_t token = live && (relative || p.causal) ? p.key_tokens[row[r]] : 0;
-      if (relative) rope_lane<E, L>(key, lane, token - p.origin, p.inv_freq);
+      if (relative) rope_lane<E, L, true>(key, lane, token - p.origin, p.inv_freq);
       const bool visible = live && !(p.causal && token > query_token);
 #pragma unroll
       for (int h = 0; h < GH; ++h) {

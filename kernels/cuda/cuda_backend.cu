@@ -20,8 +20,14 @@ void* Workspace::reserve(size_t wanted) {
   return data;
 }
 
+void* Workspace::pinned() {
+  if (!host) UNS_CUDA_CHECK(cudaMallocHost(&host, 64));
+  return host;
+}
+
 Workspace::~Workspace() {
   if (data) cudaFree(data);
+  if (host) cudaFreeHost(host);
 }
 
 namespace {

@@ -13,7 +13,9 @@ struct Workspace {
   void* data = nullptr;
   size_t bytes = 0;
   void* reserve(size_t wanted);  // may free and reallocate (synchronises the device first)
+  void* pinned();                // 64 bytes of pinned host memory (results copied to the host)
   ~Workspace();
+  void* host = nullptr;
 };
 
 void launch_convert(const void* src, DType src_dtype, void* dst, DType dst_dtype, size_t count, cudaStream_t stream);

@@ -1,5 +1,5 @@
 // Top-k launcher (kernel bodies and the method: topk.cuh). min(k, n) <= 4096 takes the radix
-// select (about nine small launches, no full sort); anything larger a full CUB radix sort of
+// select (a memset and three launches, no full sort); anything larger a full CUB radix sort of
 // the same keys. Both give the SPEC order exactly; the op synchronises to fill out_count.
 #include <cub/device/device_radix_sort.cuh>
 
@@ -35,22 +35,16 @@ const uint32_t* radix_select(const TopKParams& p, Workspace& workspace, cudaStre
   Candidate* buffer[2] = {reinterpret_cast<Candidate*>(base + state_bytes + list_bytes),
                           reinterpret_cast<Candidate*>(base + state_bytes + list_bytes + buffer_bytes)};
   UNS_CUDA_CHECK(cudaMemsetAsync(state, 0, sizeof(State), stream));
-  const unsigned grid = static_cast<unsigned>(
-      std::clamp<int64_t>((p.n + kThreads * 8 - 1) / (kThreads * 8), 1, 4 * static_cast<int64_t>(multiprocessors())));
+  static const int sms = multiprocessors();
+  const unsigned grid = static_cast<unsigned>(std::clamp<int64_t>((p.n + kThreads * 8 - 1) / (kThreads * 8), 1, 4 * static_cast<int64_t>(sms)));
   first_pass_kernel<<<grid, kThreads, 0, stream>>>(p, state, wanted);
   UNS_CUDA_CHECK_LAUNCH();
-  filter_pass_kernel<1><<<grid, kThreads, 0, stream>>>(p, state, nullptr, buffer[1], out_keys, out_index, kMaxSorted);
-  filter_pass_kernel<2><<<grid, kThreads, 0, stream>>>(p, state, buffer[1], buffer[0], out_keys, out_index, kMaxSorted);
-  filter_pass_kernel<3><<<grid, kThreads, 0, stream>>>(p, state, buffer[0], buffer[1], out_keys, out_index, kMaxSorted);
-  filter_pass_kernel<4><<<grid, kThreads, 0, stream>>>(p, state, buffer[1], buffer[0], out_keys, out_index, kMaxSorted);
-  filter_pass_kernel<5><<<grid, kThreads, 0, stream>>>(p, state, buffer[0], buffer[1], out_keys, out_index, kMaxSorted);
-  filter_pass_kernel<6><<<grid, kThreads, 0, stream>>>(p, state, buffer[1], nullptr, out_keys, out_index, kMaxSorted);
+  second_pass_kernel<<<grid, kThreads, 0, stream>>>(p, state, buffer[1], out_keys, out_index);
   UNS_CUDA_CHECK_LAUNCH();
   uint32_t size = 2;
   while (size < wanted) size <<= 1;
-  const int shared = static_cast<int>(size * (sizeof(uint64_t) + sizeof(uint32_t)));
-  UNS_CUDA_CHECK(cudaFuncSetAttribute(sort_output_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared));
-  sort_output_kernel<<<1, 1024, shared, stream>>>(p, state, out_keys, out_index);
+  const size_t shared = std::max<size_t>(size * (sizeof(uint64_t) + sizeof(uint32_t)), (1u << digit_bits(2)) * sizeof(uint32_t));
+  tail_kernel<<<1, kTailThreads, shared, stream>>>(p, state, buffer[0], buffer[1], out_keys, out_index);
   UNS_CUDA_CHECK_LAUNCH();
   return &state->selected;
 }
@@ -97,10 +91,10 @@ void launch_top_k(const TopKParams& p, Workspace& workspace, cudaStream_t stream
   }
   const uint32_t* count = std::min(p.k, p.n) <= topk::kMaxSorted ? radix_select(p, workspace, stream)
                                                                  : full_sort(p, workspace, stream);
-  uint32_t host_count = 0;
-  UNS_CUDA_CHECK(cudaMemcpyAsync(&host_count, count, sizeof host_count, cudaMemcpyDeviceToHost, stream));
+  auto* host_count = static_cast<uint32_t*>(workspace.pinned());  // pinned: a short copy
+  UNS_CUDA_CHECK(cudaMemcpyAsync(host_count, count, sizeof *host_count, cudaMemcpyDeviceToHost, stream));
   UNS_CUDA_CHECK(cudaStreamSynchronize(stream));
-  *p.out_count = std::min<int64_t>(static_cast<int64_t>(host_count), p.k);
+  *p.out_count = std::min<int64_t>(static_cast<int64_t>(*host_count), p.k);
 }
 
 }  // namespace unshackle::cuda

@@ -5,11 +5,13 @@
 // preserving float bits, NaN = 0, -0 = +0), the low word is ~token (a lower token ranks
 // higher). The top-k set is then "the k largest keys", found by a radix select over six
 // digits (12, 11, 11, 10, 10, 10 bits from the top): each pass histograms the digit of the
-// surviving candidates, the last block to finish picks the bucket holding the k-th key, and
-// the next pass sends keys above that bucket to the output list and keeps those inside it.
-// Once a bucket holds exactly the keys still wanted, it is taken whole and the later passes
-// see no candidates. The <= k selected keys are then sorted in one block (bitonic) into
-// rank order. Tokens must lie in [0, 2^32 - 1) for the low word to be unique.
+// surviving candidates, the bucket holding the k-th key is picked (by the last block to
+// finish, in the grid passes), and the next pass sends keys above that bucket to the output
+// list and keeps those inside it. Once a bucket holds exactly the keys still wanted, it is
+// taken whole and the later passes see no candidates. Passes 0 and 1 read the whole input
+// (grid kernels); passes 2..5, the last filter and the bitonic rank-order sort of the <= k
+// selected keys run in one block. Four launches and one 4-byte copy to the host in all.
+// Tokens must lie in [0, 2^32 - 1) and be distinct for the low word to be unique.
 #pragma once
 
 #include <cub/block/block_scan.cuh>
@@ -75,9 +77,19 @@ __device__ __forceinline__ uint32_t warp_append(bool take, uint32_t* counter) {
   return base + static_cast<uint32_t>(__popc(mask & ((1u << lane) - 1u)));
 }
 
+// Histogram increment, one shared atomic per distinct digit in the warp (every lane calls it;
+// lanes with take == false pass any digit and add nothing).
+__device__ __forceinline__ void warp_histogram_add(uint32_t* hist, uint32_t digit, bool take) {
+  const unsigned active = __ballot_sync(0xffffffffu, take);
+  const unsigned peers = __match_any_sync(0xffffffffu, take ? digit : 0xffffffffu) & active;
+  const int lane = threadIdx.x % 32;
+  if (take && lane == __ffs(peers) - 1) atomicAdd(hist + digit, static_cast<uint32_t>(__popc(peers)));
+}
+
 // Picks the bucket of the r-th largest key (1-based) from a finished histogram. One block.
+template <int kBlock, bool kSharedHist>
 __device__ void choose_bucket(const uint32_t* hist, int bins, uint32_t total, uint32_t r, Decision* out) {
-  using Scan = cub::BlockScan<uint32_t, kThreads>;
+  using Scan = cub::BlockScan<uint32_t, kBlock>;
   __shared__ typename Scan::TempStorage scan_storage;
   if (r == 0) {  // nothing wanted: no digit is above 0xffffffff
     if (threadIdx.x == 0) *out = {0xffffffffu, 0, 1, 0};
@@ -88,15 +100,16 @@ __device__ void choose_bucket(const uint32_t* hist, int bins, uint32_t total, ui
     return;
   }
   // Thread t owns `per` bins, the highest bins going to thread 0.
-  const int per = bins / kThreads;
+  const int per = bins / kBlock;
   const int hi = bins - threadIdx.x * per, lo = hi - per;
   uint32_t sum = 0;
-  for (int b = lo; b < hi; ++b) sum += __ldcg(hist + b);
+  const auto bin = [&](int b) { return kSharedHist ? hist[b] : __ldcg(hist + b); };
+  for (int b = lo; b < hi; ++b) sum += bin(b);
   uint32_t above = 0;
   Scan(scan_storage).ExclusiveSum(sum, above);
   if (above < r && r <= above + sum) {
     for (int b = hi - 1; b >= lo; --b) {
-      const uint32_t h = __ldcg(hist + b);
+      const uint32_t h = bin(b);
       if (above + h >= r) {
         const uint32_t remaining = r - above;
         *out = {static_cast<uint32_t>(b), remaining, h == remaining ? 1u : 0u, 0};
@@ -133,12 +146,13 @@ __global__ void __launch_bounds__(kThreads) first_pass_kernel(TopKParams p, Stat
   if (threadIdx.x == 0) block_valid = 0;
   __syncthreads();
   uint32_t valid = 0;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < p.n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t token = p.tokens[i];
-    if (token < 0) continue;
-    ++valid;
-    atomicAdd(shared_hist + digit_of(ranking_key(p.values[i], token), 0), 1u);
+  for (int64_t base = static_cast<int64_t>(blockIdx.x) * blockDim.x + (threadIdx.x & ~31); base < p.n;
+       base += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t i = base + threadIdx.x % 32;
+    const int64_t token = i < p.n ? p.tokens[i] : -1;
+    const bool live = token >= 0;
+    valid += live;
+    warp_histogram_add(shared_hist, live ? digit_of(ranking_key(p.values[i], token), 0) : 0, live);
   }
   valid = __reduce_add_sync(0xffffffffu, valid);
   if (threadIdx.x % 32 == 0 && valid) atomicAdd(&block_valid, valid);
@@ -146,81 +160,104 @@ __global__ void __launch_bounds__(kThreads) first_pass_kernel(TopKParams p, Stat
   if (threadIdx.x == 0 && block_valid) atomicAdd(&state->valid, block_valid);
   if (!last_block_done(&state->ticket[0])) return;
   const uint32_t total = __ldcg(&state->valid);
-  choose_bucket(state->hist[0], bins, total, min(k, total), &state->decision[0]);
+  choose_bucket<kThreads, false>(state->hist[0], bins, total, min(k, total), &state->decision[0]);
 }
 
-// Pass j in 1..6: filter the candidates by pass j-1's decision (above: output; inside the
-// bucket: output when taken whole, else a candidate of pass j), histogram digit j, decide.
-template <int kPass>
-__global__ void __launch_bounds__(kThreads) filter_pass_kernel(TopKParams p, State* state, const Candidate* in,
-                                                               Candidate* next, uint64_t* out_keys,
-                                                               uint32_t* out_index, uint32_t out_capacity) {
-  constexpr bool kHistogram = kPass < kPasses;
-  constexpr int bins = kHistogram ? 1 << digit_bits(kPass < kPasses ? kPass : 0) : 1;
+// Pass 1 (grid): filter the raw input by pass 0's decision (above the bucket: output list;
+// inside it: output when taken whole, else a candidate of pass 1), histogram digit 1, decide.
+__global__ void __launch_bounds__(kThreads) second_pass_kernel(TopKParams p, State* state, Candidate* next,
+                                                              uint64_t* out_keys, uint32_t* out_index) {
+  constexpr int bins = 1 << digit_bits(1);
   __shared__ uint32_t shared_hist[bins];
-  const Decision prev = state->decision[kPass - 1];
-  const int64_t count = kPass == 1 ? p.n : static_cast<int64_t>(__ldcg(&state->candidates[kPass - 1]));
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + (threadIdx.x & ~31);
-  const bool work = static_cast<int64_t>(blockIdx.x) * blockDim.x < count;
-  if (work) {
-    if (kHistogram && !prev.whole) {
-      for (int b = threadIdx.x; b < bins; b += blockDim.x) shared_hist[b] = 0;
-      __syncthreads();
+  const Decision prev = state->decision[0];
+  for (int b = threadIdx.x; b < bins; b += blockDim.x) shared_hist[b] = 0;
+  __syncthreads();
+  for (int64_t base = static_cast<int64_t>(blockIdx.x) * blockDim.x + (threadIdx.x & ~31); base < p.n;
+       base += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t i = base + threadIdx.x % 32;
+    const int64_t token = i < p.n ? p.tokens[i] : -1;
+    const bool live = token >= 0;
+    const uint64_t key = live ? ranking_key(p.values[i], token) : 0;
+    const uint32_t digit = digit_of(key, 0);
+    const bool take = live && (digit > prev.bucket || (prev.whole && digit == prev.bucket));
+    const bool keep = live && !prev.whole && digit == prev.bucket;
+    const uint32_t slot = warp_append(take, &state->selected);
+    if (take && slot < kMaxSorted) {
+      out_keys[slot] = key;
+      out_index[slot] = static_cast<uint32_t>(i);
     }
-    for (int64_t base = first; base < count; base += stride) {
-      const int64_t i = base + threadIdx.x % 32;
-      bool live = i < count;
-      uint64_t key = 0;
-      uint32_t index = 0;
-      if (live) {
-        if constexpr (kPass == 1) {
-          const int64_t token = p.tokens[i];
-          live = token >= 0;
-          key = ranking_key(p.values[i], token);
-          index = static_cast<uint32_t>(i);
-        } else {
-          key = in[i].key;
-          index = in[i].index;
-        }
-      }
-      const uint32_t digit = digit_of(key, kPass - 1);
-      const bool take = live && (digit > prev.bucket || (prev.whole && digit == prev.bucket));
-      const bool keep = live && !prev.whole && digit == prev.bucket;
-      const uint32_t slot = warp_append(take, &state->selected);
-      if (take && slot < out_capacity) {
-        out_keys[slot] = key;
-        out_index[slot] = index;
-      }
-      if constexpr (kHistogram) {
-        const uint32_t at = warp_append(keep, &state->candidates[kPass]);
-        if (keep) {
-          next[at] = {key, index, 0};
-          atomicAdd(shared_hist + digit_of(key, kPass < kPasses ? kPass : 0), 1u);
-        }
-      }
-    }
-    if (kHistogram && !prev.whole) flush_histogram(shared_hist, state->hist[kPass < kPasses ? kPass : 0], bins);
+    const uint32_t at = warp_append(keep, &state->candidates[1]);
+    if (keep) next[at] = {key, static_cast<uint32_t>(i), 0};
+    warp_histogram_add(shared_hist, digit_of(key, 1), keep);
   }
-  if constexpr (kHistogram) {
-    if (!last_block_done(&state->ticket[kPass])) return;
-    if (prev.whole) {
-      if (threadIdx.x == 0) state->decision[kPass] = {0xffffffffu, 0, 1, 0};
-      return;
-    }
-    choose_bucket(state->hist[kPass < kPasses ? kPass : 0], bins, __ldcg(&state->candidates[kPass]), prev.remaining,
-                  &state->decision[kPass]);
+  flush_histogram(shared_hist, state->hist[1], bins);
+  if (!last_block_done(&state->ticket[1])) return;
+  if (prev.whole) {
+    if (threadIdx.x == 0) state->decision[1] = {0xffffffffu, 0, 1, 0};
+    return;
   }
+  choose_bucket<kThreads, false>(state->hist[1], bins, __ldcg(&state->candidates[1]), prev.remaining, &state->decision[1]);
 }
 
-// One block: sorts the selected keys (bitonic, descending: unique keys give the rank order)
-// and writes values and tokens, padded with (-inf, -1) up to k.
-__global__ void __launch_bounds__(1024) sort_output_kernel(TopKParams p, const State* state, const uint64_t* out_keys,
-                                                           const uint32_t* out_index) {
-  extern __shared__ uint64_t sorted_keys[];  // [size] then [size] uint32 indices
-  const uint32_t selected = min(static_cast<uint32_t>(kMaxSorted), state->selected);
+// One block: passes 2..5 over the (usually few) candidates left by pass 1, the last filter,
+// then the rank-order sort of the <= k selected keys (bitonic, descending: unique keys give
+// the SPEC order) and the outputs, padded with (-inf, -1) up to k. Many exact ties (say every
+// value equal) leave many candidates: still right, one SM slower.
+constexpr int kTailThreads = 1024;
+__global__ void __launch_bounds__(kTailThreads) tail_kernel(TopKParams p, State* state, Candidate* buffer0,
+                                                           Candidate* buffer1, uint64_t* out_keys, uint32_t* out_index) {
+  extern __shared__ uint64_t dynamic_shared[];  // histogram during the passes, then the sort
+  __shared__ Decision decision;
+  auto* hist = reinterpret_cast<uint32_t*>(dynamic_shared);
+  if (threadIdx.x == 0) decision = state->decision[1];
+  __syncthreads();
+  Candidate* in = buffer1;  // pass 1 wrote its candidates here
+  Candidate* next = buffer0;
+  for (int pass = 2; pass <= kPasses; ++pass) {
+    const Decision prev = decision;
+    const bool histogram = pass < kPasses && !prev.whole;
+    const int bins = pass < kPasses ? 1 << digit_bits(pass) : 0;
+    if (histogram)
+      for (int b = threadIdx.x; b < bins; b += blockDim.x) hist[b] = 0;
+    __syncthreads();
+    const int64_t count = __ldcg(&state->candidates[pass - 1]);
+    for (int64_t base = threadIdx.x & ~31; base < count; base += blockDim.x) {
+      const int64_t i = base + threadIdx.x % 32;
+      const bool live = i < count;
+      const Candidate cand = live ? in[i] : Candidate{0, 0, 0};
+      const uint32_t digit = digit_of(cand.key, pass - 1);
+      const bool take = live && (digit > prev.bucket || (prev.whole && digit == prev.bucket));
+      const bool keep = live && histogram && digit == prev.bucket;
+      const uint32_t slot = warp_append(take, &state->selected);
+      if (take && slot < kMaxSorted) {
+        out_keys[slot] = cand.key;
+        out_index[slot] = cand.index;
+      }
+      if (pass < kPasses) {
+        const uint32_t at = warp_append(keep, &state->candidates[pass]);
+        if (keep) next[at] = cand;
+        warp_histogram_add(hist, digit_of(cand.key, pass < kPasses ? pass : 0), keep);
+      }
+    }
+    __syncthreads();
+    if (pass < kPasses) {
+      if (!histogram) {
+        if (threadIdx.x == 0) decision = {0xffffffffu, 0, 1, 0};
+      } else {
+        choose_bucket<kTailThreads, true>(hist, bins, __ldcg(&state->candidates[pass]), prev.remaining, &decision);
+      }
+    }
+    __syncthreads();
+    Candidate* t = in;
+    in = next;
+    next = t;
+  }
+
+  // Sort the output list.
+  const uint32_t selected = min(static_cast<uint32_t>(kMaxSorted), __ldcg(&state->selected));
   uint32_t size = 2;
   while (size < selected) size <<= 1;
+  uint64_t* sorted_keys = dynamic_shared;
   auto* sorted_index = reinterpret_cast<uint32_t*>(sorted_keys + size);
   for (uint32_t i = threadIdx.x; i < size; i += blockDim.x) {
     sorted_keys[i] = i < selected ? out_keys[i] : 0;  // real keys are > 0
