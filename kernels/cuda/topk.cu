@@ -44,6 +44,10 @@ const uint32_t* radix_select(const TopKParams& p, Workspace& workspace, cudaStre
   uint32_t size = 2;
   while (size < wanted) size <<= 1;
   const size_t shared = std::max<size_t>(size * (sizeof(uint64_t) + sizeof(uint32_t)), (1u << digit_bits(2)) * sizeof(uint32_t));
+  // Past 48 KB of shared memory a block needs the opt-in (k near 4096: 4096 * 12 B plus the
+  // static scan storage); the device run of 2026-11-22 failed the launch without it.
+  if (shared > 32 * 1024)
+    UNS_CUDA_CHECK(cudaFuncSetAttribute(tail_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared)));
   tail_kernel<<<1, kTailThreads, shared, stream>>>(p, state, buffer[0], buffer[1], out_keys, out_index);
   UNS_CUDA_CHECK_LAUNCH();
   return &state->selected;
