@@ -7,8 +7,10 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
 #include <thread>
 
 #include "unshackle/common/check.h"
@@ -39,28 +41,53 @@ ncclRedOp_t nccl_op(ReduceOp op) {
   return ncclSum;
 }
 
-class NcclCommunicator final : public Communicator {
+// NVLink multicast (NVLS) can take a shared host's GPUs out of service: keep it off unless
+// the operator chose otherwise. Before NCCL reads its environment, once per process
+// (setenv is not safe against concurrent getenv).
+void keep_multicast_off() {
+  static std::once_flag once;
+  std::call_once(once, [] { setenv("NCCL_NVLS_ENABLE", "0", /*overwrite=*/0); });
+}
+
+class NcclCommunicatorImpl final : public NcclCommunicator {
  public:
-  NcclCommunicator(int rank, int ranks, const NcclId& id, int device, std::chrono::milliseconds timeout)
+  NcclCommunicatorImpl(int rank, int ranks, const NcclId& id, int device, std::chrono::milliseconds timeout)
       : rank_(rank), size_(ranks), device_(device) {
     timeout_ = timeout;
-    setenv("NCCL_NVLS_ENABLE", "0", /*overwrite=*/0);
+    keep_multicast_off();
     cuda_check(cudaSetDevice(device_), "cudaSetDevice");
-    cuda_check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
-    cuda_check(cudaMalloc(&scratch_, sizeof(int64_t)), "cudaMalloc");
-    ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
-    config.blocking = 0;
-    ncclUniqueId unique;
-    std::memcpy(&unique, id.bytes.data(), sizeof unique);
-    const ncclResult_t started = ncclCommInitRankConfig(&comm_, ranks, unique, rank, &config);
-    if (started != ncclSuccess && started != ncclInProgress) abort_with("ncclCommInitRankConfig", started);
-    wait_for_nccl("ncclCommInitRank");
+    try {
+      cuda_check(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking), "cudaStreamCreate");
+      cuda_check(cudaMalloc(&scratch_, sizeof(int64_t)), "cudaMalloc");
+      cuda_check(cudaMemset(scratch_, 0, sizeof(int64_t)), "cudaMemset");
+      ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
+      config.blocking = 0;
+      ncclUniqueId unique;
+      std::memcpy(&unique, id.bytes.data(), sizeof unique);
+      const ncclResult_t started = ncclCommInitRankConfig(&comm_, ranks, unique, rank, &config);
+      if (started != ncclSuccess && started != ncclInProgress) abort_with("ncclCommInitRankConfig", started);
+      wait_for_nccl("ncclCommInitRank");
+    } catch (...) {  // the destructor will not run: release what was made (comm_ is aborted)
+      cudaFree(scratch_);
+      if (stream_) cudaStreamDestroy(stream_);
+      throw;
+    }
   }
 
-  ~NcclCommunicator() override {
+  ~NcclCommunicatorImpl() override {
+    cudaSetDevice(device_);
     if (comm_) {
-      if (broken_) ncclCommAbort(comm_);
-      else ncclCommDestroy(comm_);
+      // Non-blocking teardown: finalize, poll until done (bounded), then destroy; a peer
+      // that is gone would make it wait forever, so fall back to abort at the deadline.
+      const ncclResult_t finalize = ncclCommFinalize(comm_);
+      const auto deadline = std::chrono::steady_clock::now() + std::min(timeout_, std::chrono::milliseconds(10000));
+      ncclResult_t state = finalize == ncclSuccess ? ncclInProgress : finalize;
+      while (state == ncclInProgress && std::chrono::steady_clock::now() < deadline) {
+        ncclCommGetAsyncError(comm_, &state);
+        std::this_thread::yield();
+      }
+      if (state == ncclSuccess) ncclCommDestroy(comm_);
+      else ncclCommAbort(comm_);
     }
     cudaFree(scratch_);
     cudaStreamDestroy(stream_);
@@ -70,7 +97,8 @@ class NcclCommunicator final : public Communicator {
   int size() const override { return size_; }
   std::string name() const override { return "nccl"; }
   MemorySpace memory_space() const override { return MemorySpace::kDevice; }
-  cudaStream_t stream() const { return stream_; }
+  cudaStream_t stream() const override { return stream_; }
+  int device() const override { return device_; }
 
   void all_gather(const void* send, void* recv, size_t bytes_per_rank) override {
     run("all_gather", [&] { return ncclAllGather(send, recv, bytes_per_rank, ncclUint8, comm_, stream_); });
@@ -79,12 +107,15 @@ class NcclCommunicator final : public Communicator {
     run("all_reduce", [&] { return ncclAllReduce(send, recv, count, nccl_type(dtype), nccl_op(op), comm_, stream_); });
   }
   void broadcast(void* buffer, size_t bytes, int root) override {
+    UNS_CHECK(root >= 0 && root < size_, "broadcast: root {} of {}", root, size_);
     run("broadcast", [&] { return ncclBroadcast(buffer, buffer, bytes, ncclUint8, root, comm_, stream_); });
   }
   void send(const void* buffer, size_t bytes, int peer) override {
+    UNS_CHECK(peer >= 0 && peer < size_ && peer != rank_, "send: bad peer {}", peer);
     run("send", [&] { return ncclSend(buffer, bytes, ncclUint8, peer, comm_, stream_); });
   }
   void recv(void* buffer, size_t bytes, int peer) override {
+    UNS_CHECK(peer >= 0 && peer < size_ && peer != rank_, "recv: bad peer {}", peer);
     run("recv", [&] { return ncclRecv(buffer, bytes, ncclUint8, peer, comm_, stream_); });
   }
   void barrier() override {
@@ -170,6 +201,7 @@ void set_timeouts(int fd, std::chrono::milliseconds timeout) {
 }  // namespace
 
 NcclId nccl_new_id() {
+  keep_multicast_off();
   ncclUniqueId unique;
   const ncclResult_t result = ncclGetUniqueId(&unique);
   UNS_CHECK_KIND(kComm, result == ncclSuccess, "ncclGetUniqueId failed: {}", ncclGetErrorString(result));
@@ -201,8 +233,10 @@ NcclId nccl_id_over_tcp(const std::string& host, int port, int rank, int ranks, 
     UNS_CHECK_KIND(kIo, ::bind(listener.fd, reinterpret_cast<sockaddr*>(&address), sizeof address) == 0,
                    "nccl bootstrap: cannot listen on port {}: {}", port, std::strerror(errno));
     ::listen(listener.fd, ranks);
-    set_timeouts(listener.fd, timeout);
     for (int served = 1; served < ranks; ++served) {
+      // Each accept waits only for what is left of the one deadline.
+      const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
+      set_timeouts(listener.fd, std::max(left, std::chrono::milliseconds(1)));
       Fd peer{::accept(listener.fd, nullptr, nullptr)};
       UNS_CHECK_KIND(kTimeout, peer.fd >= 0 && std::chrono::steady_clock::now() < deadline,
                      "nccl bootstrap: only {} of {} ranks connected to port {} within {} ms", served, ranks, port,
@@ -218,12 +252,12 @@ NcclId nccl_id_over_tcp(const std::string& host, int port, int rank, int ranks, 
     addrinfo hints{}, *found = nullptr;
     hints.ai_family = AF_INET;
     hints.ai_socktype = SOCK_STREAM;
-    UNS_CHECK_KIND(kIo, getaddrinfo(host.c_str(), std::to_string(port).c_str(), &hints, &found) == 0,
-                   "nccl bootstrap: cannot resolve {}", host);
+    // A name that does not resolve yet (a Kubernetes pod not ready) is retried like a refusal.
+    const bool resolved = getaddrinfo(host.c_str(), std::to_string(port).c_str(), &hints, &found) == 0;
     Fd fd{::socket(AF_INET, SOCK_STREAM, 0)};
     set_timeouts(fd.fd, timeout);
-    const bool connected = ::connect(fd.fd, found->ai_addr, found->ai_addrlen) == 0;
-    freeaddrinfo(found);
+    const bool connected = resolved && ::connect(fd.fd, found->ai_addr, found->ai_addrlen) == 0;
+    if (resolved) freeaddrinfo(found);
     if (connected) {
       NcclId id;
       size_t got = 0;
@@ -240,9 +274,10 @@ NcclId nccl_id_over_tcp(const std::string& host, int port, int rank, int ranks, 
   }
 }
 
-std::unique_ptr<Communicator> make_nccl_communicator(int rank, int ranks, const NcclId& id, int device,
-                                                     std::chrono::milliseconds timeout) {
-  return std::make_unique<NcclCommunicator>(rank, ranks, id, device, timeout);
+std::unique_ptr<NcclCommunicator> make_nccl_communicator(int rank, int ranks, const NcclId& id, int device,
+                                                         std::chrono::milliseconds timeout) {
+  UNS_CHECK(ranks > 0 && rank >= 0 && rank < ranks, "make_nccl_communicator: rank {} of {}", rank, ranks);
+  return std::make_unique<NcclCommunicatorImpl>(rank, ranks, id, device, timeout);
 }
 
 }  // namespace unshackle

@@ -5,6 +5,8 @@
 // stuck inside NCCL when a peer dies.
 #pragma once
 
+#include <cuda_runtime_api.h>
+
 #include <array>
 #include <memory>
 #include <string>
@@ -27,9 +29,21 @@ NcclId nccl_id_over(Communicator& host_comm);
 // host:port, retrying until `timeout`. Throws Error(kTimeout) naming what was missing.
 NcclId nccl_id_over_tcp(const std::string& host, int port, int rank, int ranks, std::chrono::milliseconds timeout);
 
-// A communicator for `rank` of `ranks` on CUDA device `device`. Sets NCCL_NVLS_ENABLE=0
-// when unset: NVLink multicast stays off on shared machines.
-std::unique_ptr<Communicator> make_nccl_communicator(int rank, int ranks, const NcclId& id, int device,
+// The NCCL communicator adds its device and stream. Every call enqueues on stream() and
+// returns once the stream is idle, so work the caller queued there before is ordered before
+// the collective. Buffers written by a copy on another stream (or the legacy default
+// stream, which a non-blocking stream does not wait for) must be complete before the call.
+// Calls poll the stream, so they must not be made while stream() is being captured.
+class NcclCommunicator : public Communicator {
+ public:
+  virtual cudaStream_t stream() const = 0;
+  virtual int device() const = 0;
+};
+
+// A communicator for `rank` of `ranks` on CUDA device `device` (made current in the calling
+// thread). Sets NCCL_NVLS_ENABLE=0 when unset: NVLink multicast stays off on shared machines.
+// Creation itself is bounded by `timeout` (a rank that never joins is a kTimeout).
+std::unique_ptr<NcclCommunicator> make_nccl_communicator(int rank, int ranks, const NcclId& id, int device,
                                                      std::chrono::milliseconds timeout = std::chrono::seconds(120));
 
 }  // namespace unshackle
