@@ -3,6 +3,7 @@
 #include <mpi.h>
 
 #include <algorithm>
+#include <climits>
 #include <cstdlib>
 #include <cstring>
 #include <thread>
@@ -103,12 +104,14 @@ class MpiCommunicator final : public Communicator {
   }
 
   Pending isend(const void* data, size_t bytes, int peer, int tag) {
+    UNS_CHECK(bytes <= static_cast<size_t>(INT_MAX), "mpi: {} bytes in one message (MPI counts are int)", bytes);
     Pending p{MPI_REQUEST_NULL, peer};
     check(MPI_Isend(data, static_cast<int>(bytes), MPI_BYTE, peer, tag, comm_, &p.request), "MPI_Isend", peer);
     return p;
   }
 
   Pending irecv(void* data, size_t bytes, int peer, int tag) {
+    UNS_CHECK(bytes <= static_cast<size_t>(INT_MAX), "mpi: {} bytes in one message (MPI counts are int)", bytes);
     Pending p{MPI_REQUEST_NULL, peer};
     check(MPI_Irecv(data, static_cast<int>(bytes), MPI_BYTE, peer, tag, comm_, &p.request), "MPI_Irecv", peer);
     return p;

@@ -38,7 +38,9 @@ class Communicator {
   // Element-wise over `count` elements of dtype (F32, F64, I32, I64). In place when send == recv.
   virtual void all_reduce(const void* send, void* recv, size_t count, DType dtype, ReduceOp op) = 0;
   virtual void broadcast(void* buffer, size_t bytes, int root) = 0;
-  // Point to point (not collective): pairs with the peer's matching call.
+  // Point to point (not collective): pairs with the peer's matching call. A send may block
+  // until the peer receives (MPI rendezvous, NCCL), so order pairs without a cycle of
+  // waiting sends (in a ring: even ranks send first, odd ranks receive first).
   virtual void send(const void* buffer, size_t bytes, int peer) = 0;
   virtual void recv(void* buffer, size_t bytes, int peer) = 0;
   virtual void barrier() = 0;
