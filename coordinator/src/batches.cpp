@@ -134,7 +134,7 @@ json BatchStore::create_batch(const json& body) {
   while (std::getline(in, text)) {
     ++number;
     if (text.empty() || text == "\r") continue;
-    auto add = [&](const std::string& message, const char* param) {
+    auto add = [&](const std::string& message, const json& param) {
       if (errors.size() < 100)
         errors.push_back(json{{"code", "invalid_request"}, {"message", message}, {"param", param}, {"line", number}});
     };

@@ -99,7 +99,9 @@ class Session : public std::enable_shared_from_this<Session> {
     sent_ = 0;
     finished_ = false;
     stream_.expires_never();
-    std::weak_ptr<Session> weak = shared_from_this();
+    // The listener keeps the session alive while it follows the job; finishing or closing
+    // clears it (Job -> listener -> Session -> Job is broken there).
+    auto self = shared_from_this();
     auto executor = stream_.get_executor();
     if (stream) {
       header_.emplace(http::status::ok, version_);
@@ -117,11 +119,7 @@ class Session : public std::enable_shared_from_this<Session> {
         self->pump();
       });
     }
-    job_->set_listener([weak, executor] {
-      net::post(executor, [weak] {
-        if (auto self = weak.lock()) self->pump();
-      });
-    });
+    job_->set_listener([self, executor] { net::post(executor, [self] { self->pump(); }); });
   }
 
   void pump() {
