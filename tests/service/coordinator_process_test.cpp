@@ -8,6 +8,7 @@
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
 #include <signal.h>
+#include <sys/prctl.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -49,6 +50,7 @@ class Coordinator {
     const std::string log = (dir_ / "coordinator.log").string();
     pid_ = ::fork();
     if (pid_ == 0) {
+      ::prctl(PR_SET_PDEATHSIG, SIGTERM);  // no orphan when the test dies
       FILE* f = std::freopen(log.c_str(), "w", stderr);
       (void)f;
       std::vector<char*> argv;

@@ -27,7 +27,7 @@ struct WorkerOptions {
 };
 
 // Exit codes of run_worker_rank (and of unshackle-worker).
-inline constexpr int kWorkerExitClosed = 0;       // the coordinator closed the link or rejected us... see message
+inline constexpr int kWorkerExitClosed = 0;       // the coordinator closed the link
 inline constexpr int kWorkerExitCoordinator = 3;  // coordinator unreachable, silent or rejected the group
 inline constexpr int kWorkerExitGroupBroken = 4;  // a collective failed: the group must be restarted whole
 
