@@ -84,7 +84,7 @@ class Engine {
   // A new, empty context. reserve_tokens: the most tokens it will hold (prompt + generation);
   // the engine reserves KV memory for them or throws kCapacity.
   virtual void create_context(ContextId id, const AttentionConfig& attention, int64_t reserve_tokens) = 0;
-  // A copy of `source` (its KV and attention settings) under a new id, which may then grow to
+  // A copy of `source` (its KV, attention settings and last-token logits) under a new id, which may grow to
   // reserve_tokens. The source is left unchanged (stored contexts are forked per completion).
   virtual void fork_context(ContextId source, ContextId id, int64_t reserve_tokens) = 0;
   // Runs `tokens` (one chunk) through the model and appends them to the context; afterwards
