@@ -1,0 +1,224 @@
+// Tokenizers: round trips on a corpus with unicode, whitespace runs and special tokens; the
+// pre-tokenizer regexes of Llama-3 and Qwen2 split as their reference does; BPE merges
+// compress; SentencePiece (a model trained here) splits special tokens out first.
+#include <gtest/gtest.h>
+#include <sentencepiece_trainer.h>
+
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "model_fixtures.h"
+#include "unshackle/common/check.h"
+#include "unshackle/model/make_model.h"
+#include "unshackle/model/tokenizer.h"
+
+namespace unshackle::testing {
+namespace {
+
+const std::vector<std::string> kCorpus = {
+    "Hello world",
+    "  leading spaces, trailing spaces   ",
+    "Whitespace   runs\t\tand\n\n\nnew lines    are   kept.\n",
+    "Unicode: café, naïve, Größe, Ελληνικά, русский, 日本語のテキスト, 中文, 한국어, emoji 🙂🚀 and 👩‍👩‍👧.",
+    "Numbers 1234567 and 3.14159, dates 2026-11-22.",
+    "Contractions: it's, they'll, WE'VE, I'm, you'd.",
+    "code:\n    def f(x):\n\treturn x  # comment\n",
+    "",
+    " ",
+    "\n",
+    "a",
+};
+
+TEST(ByteTokenizer, RoundTripsAndMatchesSpecials) {
+  const ByteTokenizer t;
+  for (const std::string& text : kCorpus) {
+    const auto ids = t.encode(text, false);
+    EXPECT_EQ(ids.size(), text.size());
+    EXPECT_EQ(t.decode(ids), text);
+  }
+  const auto ids = t.encode("a</s>b<s>");
+  EXPECT_EQ(ids, (std::vector<int32_t>{256, 'a', 257, 'b', 256}));
+  EXPECT_EQ(t.decode(ids), "<s>a</s>b<s>");
+  EXPECT_EQ(t.decode(ids, true), "ab");
+  EXPECT_TRUE(t.is_special(257));
+  EXPECT_FALSE(t.is_special('a'));
+  EXPECT_EQ(t.token_id("</s>"), 257);
+}
+
+std::unique_ptr<BpeTokenizer> trained(const std::string& pattern, const std::vector<std::string>& specials, bool bos,
+                                      int64_t vocab = 420) {
+  return BpeTokenizer::parse(train_bpe_tokenizer_json(kTokenizerTrainingCorpus, vocab, pattern, specials, bos), "test");
+}
+
+// GPT-2's byte-to-unicode for the ASCII characters used below.
+std::string mapped(const std::string& raw) {
+  std::string out;
+  for (char c : raw) out += c == ' ' ? "Ġ" : c == '\n' ? "Ċ" : c == '\t' ? "ĉ" : std::string(1, c);
+  return out;
+}
+
+TEST(BpeTokenizer, Llama3SplitRegexPiecesAsTheReference) {
+  const auto t = trained(kLlama3SplitPattern, {"<|begin_of_text|>"}, true);
+  const std::vector<std::string> raw = {"Hello", " world", "'s", " ", " ", "123", "456", " foo", "\n\n", " bar",
+                                        " WE", "'VE", "!!!", "\n", "   ", "\t", "x"};
+  std::vector<std::string> want;
+  for (const auto& r : raw) want.push_back(mapped(r));
+  EXPECT_EQ(t->pretokenize("Hello world's  123456 foo\n\n bar WE'VE!!!\n   \tx"), want);
+  // Letters of any script are one \p{L}+ run; emoji are punctuation-like.
+  EXPECT_EQ(t->pretokenize("日本語🙂!").size(), 2u);
+  EXPECT_EQ(t->pretokenize(" Ελληνικά").size(), 1u);
+}
+
+TEST(BpeTokenizer, Qwen2SplitsDigitsOneByOne) {
+  const auto t = trained(kQwen2SplitPattern, {"<|endoftext|>"}, false);
+  EXPECT_EQ(t->pretokenize("x 2026"), (std::vector<std::string>{"x", "Ġ", "2", "0", "2", "6"}));
+}
+
+TEST(BpeTokenizer, Gpt2ByteLevelRegex) {
+  const auto t = trained("", {"<s>"}, true);
+  EXPECT_EQ(t->pretokenize("Hello  world's 123"),
+            (std::vector<std::string>{"Hello", "Ġ", "Ġworld", "'s", "Ġ123"}));
+}
+
+class BpeRoundTrip : public ::testing::TestWithParam<int> {};
+
+TEST_P(BpeRoundTrip, CorpusRoundTripsSpecialsMatchFirstMergesCompress) {
+  const int which = GetParam();
+  const std::string pattern = which == 0 ? kLlama3SplitPattern : which == 1 ? kQwen2SplitPattern : "";
+  const std::vector<std::string> specials = {"<|bos|>", "<|eos|>", "<|im_start|>"};
+  const auto t = trained(pattern, specials, which != 1);
+  EXPECT_EQ(t->vocab_size(), 420);
+  size_t bytes = 0, tokens = 0;
+  for (const std::string& text : kCorpus) {
+    const auto ids = t->encode(text, false);
+    EXPECT_EQ(t->decode(ids), text);
+    for (int32_t id : ids) EXPECT_FALSE(t->is_special(id));
+    bytes += text.size();
+    tokens += ids.size();
+  }
+  EXPECT_LT(tokens * 10, bytes * 8) << "merges should compress the corpus by 20 % at least";
+  // Specials in the text are matched before anything else, also glued to words.
+  const std::string with_specials = "<|im_start|>user\nhi<|eos|><|bos|>  x<|im_start|>";
+  const auto ids = t->encode(with_specials, true);
+  const int32_t bos = t->token_id("<|bos|>"), eos = t->token_id("<|eos|>"), im = t->token_id("<|im_start|>");
+  ASSERT_GE(bos, 417);
+  if (which != 1) {
+    EXPECT_EQ(ids.front(), bos);
+  } else {
+    EXPECT_EQ(ids.front(), im);  // Qwen2 adds no BOS
+  }
+  EXPECT_EQ(std::count(ids.begin(), ids.end(), im), 2);
+  EXPECT_EQ(std::count(ids.begin(), ids.end(), eos), 1);
+  EXPECT_EQ(t->decode(t->encode(with_specials, false)), with_specials);
+  EXPECT_EQ(t->decode(t->encode(with_specials, false), true), "user\nhi  x");
+  // Tokens the tokenizer lacks (padded model vocabulary) decode to nothing.
+  const std::vector<int32_t> padded = {t->token_id("a"), 9999};
+  EXPECT_EQ(t->decode(padded), "a");
+  EXPECT_THROW(t->encode(std::string("bad \xff utf8"), false), Error);
+}
+
+INSTANTIATE_TEST_SUITE_P(Tokenizer, BpeRoundTrip, ::testing::Values(0, 1, 2));
+
+TEST(BpeTokenizer, HuggingFaceFileFeatures) {
+  // A tokenizer.json edited by hand: legacy "a b" merges, ignore_merges (Llama-3), an added
+  // token with lstrip, TemplateProcessing inside a Sequence post-processor.
+  nlohmann::json j = nlohmann::json::parse(train_bpe_tokenizer_json("", 256, "", {}, false));
+  auto& vocab = j["model"]["vocab"];
+  vocab["Ġt"] = 256;
+  vocab["he"] = 257;
+  vocab["Ġthe"] = 258;
+  vocab["Ġhello"] = 259;
+  j["model"]["merges"] = {"Ġ t", "h e", "Ġt he"};
+  j["added_tokens"] = {
+      {{"id", 260}, {"content", "<mask>"}, {"lstrip", true}, {"rstrip", false}, {"special", true}},
+      {{"id", 261}, {"content", "<bos>"}, {"lstrip", false}, {"rstrip", false}, {"special", true}}};
+  j["post_processor"] = {
+      {"type", "Sequence"},
+      {"processors",
+       {{{"type", "ByteLevel"}},
+        {{"type", "TemplateProcessing"},
+         {"single", {{{"SpecialToken", {{"id", "<bos>"}}}}, {{"Sequence", {{"id", "A"}}}}}},
+         {"special_tokens", {{"<bos>", {{"id", "<bos>"}, {"ids", {261}}, {"tokens", {"<bos>"}}}}}}}}}};
+  j["model"]["ignore_merges"] = true;
+  const auto t = BpeTokenizer::parse(j.dump(), "edited");
+  EXPECT_EQ(t->encode(" the hello"), (std::vector<int32_t>{261, 258, 259}));
+  EXPECT_EQ(t->decode(t->encode(" the hello")), "<bos> the hello");
+  const auto ids = t->encode("a   <mask>b", false);
+  EXPECT_EQ(ids, (std::vector<int32_t>{'a', 260, 'b'}));
+  EXPECT_EQ(t->decode(ids), "a<mask>b");
+  j["model"]["ignore_merges"] = false;
+  const auto merging = BpeTokenizer::parse(j.dump(), "edited");
+  EXPECT_EQ(merging->encode(" hello", false).size(), 5u);  // Ġ he l l o
+  EXPECT_EQ(merging->decode(merging->encode(" hello", false)), " hello");
+  // What the loader refuses, by name.
+  j["pre_tokenizer"] = {{"type", "Whitespace"}};
+  try {
+    BpeTokenizer::parse(j.dump(), "edited");
+    ADD_FAILURE() << "no error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("Whitespace"), std::string::npos) << e.what();
+  }
+}
+
+// A SentencePiece model trained here on the corpus (identity normalisation, byte fallback).
+class SentencePiece : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    dir_ = new ScratchDir("sp");
+    {
+      std::ofstream corpus(dir_->sub("corpus.txt"));
+      corpus << kTokenizerTrainingCorpus;
+      for (const auto& line : kCorpus) corpus << line << "\n";
+    }
+    const auto status = sentencepiece::SentencePieceTrainer::Train(
+        "--input=" + dir_->sub("corpus.txt") + " --model_prefix=" + dir_->sub("sp") +
+        " --vocab_size=400 --model_type=bpe --character_coverage=1.0 --byte_fallback=true"
+        " --normalization_rule_name=identity --remove_extra_whitespaces=false --hard_vocab_limit=false"
+        " --minloglevel=2");
+    ASSERT_TRUE(status.ok()) << status.ToString();
+    std::filesystem::rename(dir_->sub("sp.model"), dir_->sub("tokenizer.model"));
+  }
+  static void TearDownTestSuite() { delete dir_; }
+  static ScratchDir* dir_;
+};
+ScratchDir* SentencePiece::dir_ = nullptr;
+
+TEST_F(SentencePiece, RoundTripsAndSplitsSpecialsFirst) {
+  const auto t = load_tokenizer(dir_->path());
+  ASSERT_EQ(t->kind(), "sentencepiece");
+  size_t bytes = 0, tokens = 0;
+  for (const std::string& text : kCorpus) {
+    const auto ids = t->encode(text, false);
+    EXPECT_EQ(t->decode(ids), text);
+    bytes += text.size();
+    tokens += ids.size();
+  }
+  EXPECT_LT(tokens * 10, bytes * 8);
+  const int32_t bos = t->token_id("<s>"), eos = t->token_id("</s>");
+  ASSERT_GE(bos, 0);
+  ASSERT_GE(eos, 0);
+  const auto ids = t->encode("Hello</s>world<s>");
+  EXPECT_EQ(ids.front(), bos);  // add_bos by default (Llama-2, Mistral)
+  EXPECT_EQ(std::count(ids.begin(), ids.end(), eos), 1);
+  EXPECT_EQ(std::count(ids.begin(), ids.end(), bos), 2);
+  EXPECT_EQ(t->decode(ids), "<s>Hello</s>world<s>");
+  EXPECT_EQ(t->decode(ids, true), "Helloworld");
+  // tokenizer_config.json can turn the BOS off.
+  std::ofstream(dir_->sub("tokenizer_config.json")) << R"({"add_bos_token": false})";
+  const auto no_bos = load_tokenizer(dir_->path());
+  EXPECT_NE(no_bos->encode("Hello").front(), bos);
+  std::filesystem::remove(dir_->sub("tokenizer_config.json"));
+}
+
+TEST(LoadTokenizer, MissingTokenizerIsNotFound) {
+  ScratchDir dir("notok");
+  try {
+    load_tokenizer(dir.path());
+    ADD_FAILURE() << "no error";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.kind(), ErrorKind::kNotFound);
+  }
+}
+
+}  // namespace
+}  // namespace unshackle::testing
