@@ -255,7 +255,8 @@ TEST_P(MultiRank, SameTokensAsOneRank) {
   }
   GenerateCommandOptions g;
   g.model_dir = dir.path();
-  g.prompt = "Attention selects the tokens that matter: the initial tokens, the local window, and the top-k.";
+  g.prompt = "Attention selects the tokens that matter: the initial tokens, the local window, and the top-k. "
+             "In the beginning the context was short, and then it grew to a million tokens.";
   g.attention = {.mode = mode, .l_I = 4, .l_L = 16, .top_k = 8};
   g.generate.max_tokens = 12;
   g.generate.chunk = 16;

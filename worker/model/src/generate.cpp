@@ -34,6 +34,7 @@ void SamplingOptions::validate() const {
 }
 
 int32_t sample_token(std::span<const float> logits, const SamplingOptions& options, int64_t position) {
+  options.validate();
   UNS_CHECK(!logits.empty(), "sample_token: no logits");
   for (float x : logits) UNS_CHECK_KIND(kInternal, !std::isnan(x), "sample_token: NaN logit at position {}", position);
   if (options.temperature == 0) return argmax(logits);
