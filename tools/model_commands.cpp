@@ -78,7 +78,12 @@ GenerateCommandResult run_generate_command(const GenerateCommandOptions& o) {
   GenerateCommandResult out;
   if (!o.prompt_ids.empty()) {
     out.prompt = parse_ids(o.prompt_ids);
-    if (!o.generate.stop_strings.empty()) tokenizer = load_tokenizer(o.model_dir);
+    // The text of the result needs a tokenizer; ids alone do not (stop strings do).
+    try {
+      tokenizer = load_tokenizer(o.model_dir);
+    } catch (const Error& e) {
+      if (e.kind() != ErrorKind::kNotFound || !o.generate.stop_strings.empty()) throw;
+    }
   } else {
     tokenizer = load_tokenizer(o.model_dir);
     const std::string text = o.prompt.empty() ? read_prompt_file(o.prompt_file) : o.prompt;

@@ -332,6 +332,14 @@ TEST(ModelConfig, ParsesHuggingFaceSpellings) {
     "rope_scaling": {"type": "linear", "factor": 4.0}})");
   EXPECT_EQ(l2.rope_scaling.type, RopeScaling::Type::kLinear);
   EXPECT_EQ(l2.kv_heads, 4);
+  // transformers 5 spelling: rope_parameters holds theta and the scaling.
+  const ModelConfig v5 = ModelConfig::from_json(R"({"architectures": ["LlamaForCausalLM"], "hidden_size": 64,
+    "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 4, "vocab_size": 10, "dtype": "bfloat16",
+    "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}})");
+  EXPECT_EQ(v5.rope_theta, 500000.0);
+  EXPECT_EQ(v5.rope_scaling.type, RopeScaling::Type::kLlama3);
+  EXPECT_EQ(v5.torch_dtype, "bfloat16");
   const Error yarn = expect_error([] {
     ModelConfig::from_json(R"({"architectures": ["Qwen2ForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
       "num_hidden_layers": 1, "num_attention_heads": 4, "vocab_size": 10, "rope_scaling": {"type": "yarn", "factor": 4.0}})");

@@ -52,11 +52,13 @@ std::vector<int32_t> token_ids(const Json& j, const char* key, const std::string
   return ids;
 }
 
+// rope_scaling (transformers 4.x) or rope_parameters (transformers 5, which also holds rope_theta).
 RopeScaling parse_rope_scaling(const Json& j, const std::string& label) {
   RopeScaling s;
-  if (!j.contains("rope_scaling") || j["rope_scaling"].is_null()) return s;
-  const Json& r = j["rope_scaling"];
-  if (!r.is_object()) bad(label, "field 'rope_scaling' must be an object or null");
+  const char* key = j.contains("rope_parameters") && !j["rope_parameters"].is_null() ? "rope_parameters" : "rope_scaling";
+  if (!j.contains(key) || j[key].is_null()) return s;
+  const Json& r = j[key];
+  if (!r.is_object()) bad(label, fmt::format("field '{}' must be an object or null", key));
   std::string type = optional<std::string>(r, "rope_type", "", label);
   if (type.empty()) type = optional<std::string>(r, "type", "default", label);
   const std::string where = label + " rope_scaling";
@@ -144,6 +146,9 @@ ModelConfig ModelConfig::from_json(const std::string& text, const std::string& l
   if (c.head_dim <= 0 || c.head_dim % 2 != 0) bad(label, fmt::format("head_dim must be even and > 0 (got {})", c.head_dim));
   c.rms_eps = optional<double>(j, "rms_norm_eps", 1e-6, label);
   c.rope_theta = optional<double>(j, "rope_theta", 10000.0, label);
+  if (j.contains("rope_parameters") && j["rope_parameters"].is_object()) {
+    c.rope_theta = optional<double>(j["rope_parameters"], "rope_theta", c.rope_theta, label + " rope_parameters");
+  }
   c.rope_scaling = parse_rope_scaling(j, label);
   c.max_position_embeddings = optional<int64_t>(j, "max_position_embeddings", 0, label);
   c.tie_word_embeddings = optional<bool>(j, "tie_word_embeddings", false, label);
@@ -163,7 +168,7 @@ ModelConfig ModelConfig::from_json(const std::string& text, const std::string& l
   }
   c.bos_token_ids = token_ids(j, "bos_token_id", label);
   c.eos_token_ids = token_ids(j, "eos_token_id", label);
-  c.torch_dtype = optional<std::string>(j, "torch_dtype", "", label);
+  c.torch_dtype = optional<std::string>(j, "torch_dtype", optional<std::string>(j, "dtype", "", label), label);
   return c;
 }
 
