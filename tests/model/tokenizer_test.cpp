@@ -212,6 +212,34 @@ TEST_F(SentencePiece, RoundTripsAndSplitsSpecialsFirst) {
   std::filesystem::remove(dir_->sub("tokenizer_config.json"));
 }
 
+// Encodings by transformers.js (an independent implementation of tokenizer.json) of a corpus
+// with unicode, whitespace runs (also non-ASCII spaces), CR/LF and special tokens, for the
+// Llama-3, Qwen2 and GPT-2 style tokenizers that make-model writes. The file holds the
+// tokenizer.json files themselves; data/make_tokenizer_golden.mjs wrote it.
+TEST(BpeTokenizer, MatchesTransformersJsGoldenEncodings) {
+  std::ifstream in(UNS_MODEL_TEST_DATA "/tokenizer_golden.json");
+  ASSERT_TRUE(in.good());
+  const nlohmann::json golden = nlohmann::json::parse(in);
+  const auto texts = golden.at("texts").get<std::vector<std::string>>();
+  size_t compared = 0;
+  for (const auto& [name, entry] : golden.at("tokenizers").items()) {
+    SCOPED_TRACE(name);
+    const auto t = BpeTokenizer::parse(entry.at("tokenizer_json").dump(), name);
+    const auto& cases = entry.at("cases");
+    ASSERT_EQ(cases.size(), texts.size());
+    for (size_t i = 0; i < texts.size(); ++i) {
+      SCOPED_TRACE(texts[i]);
+      EXPECT_EQ(t->encode(texts[i], true), cases[i].at("with_special").get<std::vector<int32_t>>());
+      const auto plain = cases[i].at("plain").get<std::vector<int32_t>>();
+      EXPECT_EQ(t->encode(texts[i], false), plain);
+      EXPECT_EQ(t->decode(plain), cases[i].at("decoded").get<std::string>());
+      EXPECT_EQ(t->decode(plain), texts[i]);
+      ++compared;
+    }
+  }
+  EXPECT_EQ(compared, 3 * texts.size());
+}
+
 TEST(LoadTokenizer, MissingTokenizerIsNotFound) {
   ScratchDir dir("notok");
   try {
