@@ -5,12 +5,14 @@
 #include <cstdio>
 
 #include "attn_command.h"
+#include "model_commands.h"
 #include "unshackle/common/check.h"
 
 int main(int argc, char** argv) {
   CLI::App app{"unshackle: long-context attention that spends compute only on the tokens that matter"};
   app.require_subcommand(1);
   unshackle::add_attn_commands(app);
+  unshackle::add_model_commands(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
