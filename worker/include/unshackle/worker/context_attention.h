@@ -67,6 +67,8 @@ class ContextAttention {
   const LayerStepStats& last_stats(int layer) const { return stats_.at(static_cast<size_t>(layer)); }
   const KvShard& shard() const { return *shard_; }
   const ContextAttentionOptions& options() const { return options_; }
+  // The backend the layer steps run on (the model runtime checks its memory space and waits on it).
+  Backend& backend() const { return backend_; }
 
  private:
   void append_chunk(int layer, int64_t l_C, const float* k, const float* v);
