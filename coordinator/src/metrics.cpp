@@ -68,6 +68,11 @@ Metrics::Metrics() : registry_(std::make_shared<prometheus::Registry>()) {
                              "1 while the worker group is registered and heartbeating", r);
   rank_bytes_family_ = &family(prometheus::BuildGauge(), "unshackle_worker_kv_bytes", "KV bytes held per rank", r);
   rank_tokens_family_ = &family(prometheus::BuildGauge(), "unshackle_worker_kv_tokens", "KV tokens held per rank", r);
+  group_down_family_ = &family(prometheus::BuildCounter(), "unshackle_worker_group_down_total",
+                               "Worker groups marked down, by cause", r);
+  // Every cause exists from the start so increase() sees the first one.
+  for (const char* cause : {"step_timeout", "collective_failed", "heartbeat_lost", "link_closed", "health_failed", "protocol", "shutdown"})
+    group_down_family_->Add({{"cause", cause}});
 }
 
 std::string Metrics::serialize() const {
@@ -86,6 +91,11 @@ void Metrics::finished(const std::string& reason) {
 void Metrics::set_group_up(const std::string& group, bool up) {
   std::lock_guard lock(mutex_);
   group_up_family_->Add({{"group", group}}).Set(up ? 1 : 0);
+}
+
+void Metrics::group_down(const std::string& cause) {
+  std::lock_guard lock(mutex_);
+  group_down_family_->Add({{"cause", cause}}).Increment();
 }
 
 void Metrics::set_rank_kv(const std::string& group, int rank, double bytes, double tokens) {

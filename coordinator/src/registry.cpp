@@ -40,7 +40,7 @@ json WorkerGroup::call(const std::string& op, const json& args, std::chrono::mil
   link_->send(json{{"type", "call"}, {"id", id}, {"op", op}, {"args", args}});
   if (future.wait_for(timeout) != std::future_status::ready) {
     const std::string reason = fmt::format("'{}' did not return within {:.1f} s", op, seconds(timeout));
-    mark_down(reason);
+    mark_down(reason, "step_timeout");
     throw Error(ErrorKind::kTimeout, fmt::format("worker group '{}' lost: {}", id_, reason));
   }
   json message = future.get();  // throws the kComm error of mark_down
@@ -69,13 +69,13 @@ void WorkerGroup::on_message(const json& message) {
       }
     }
   } else if (type == "fatal") {
-    mark_down("the group reported: " + message.value("message", std::string("fatal error")));
+    mark_down("the group reported: " + message.value("message", std::string("fatal error")), "collective_failed");
   } else {
     mark_down(fmt::format("unexpected message type '{}'", type));
   }
 }
 
-void WorkerGroup::mark_down(const std::string& reason) {
+void WorkerGroup::mark_down(const std::string& reason, const char* cause) {
   std::map<uint64_t, std::promise<json>> pending;
   {
     std::lock_guard lock(mutex_);
@@ -86,6 +86,7 @@ void WorkerGroup::mark_down(const std::string& reason) {
   }
   log_line(fmt::format("worker group '{}' ({}) is down: {}", id_, link_->peer(), reason));
   metrics_.set_group_up(id_, false);
+  metrics_.group_down(cause);
   for (auto& [id, promise] : pending)
     promise.set_exception(std::make_exception_ptr(Error(ErrorKind::kComm, fmt::format("worker group '{}' lost: {}", id_, reason))));
   link_->close(reason);
@@ -115,7 +116,7 @@ void Registry::stop() {
     boost::system::error_code ec;
     acceptor_.close(ec);
     watchdog_.cancel();
-    for (auto& group : all_groups()) group->mark_down("coordinator shutting down");
+    for (auto& group : all_groups()) group->mark_down("coordinator shutting down", "shutdown");
   });
 }
 
@@ -148,7 +149,7 @@ void Registry::greet(std::shared_ptr<wire::Link> link) {
         register_group(l, message, slot);
       },
       [slot](const std::string& why) {
-        if (*slot) (*slot)->mark_down(why);
+        if (*slot) (*slot)->mark_down(why, "link_closed");
       });
 }
 
@@ -203,7 +204,7 @@ void Registry::start_watchdog() {
     for (auto& group : groups()) {
       const auto silent = now - group->last_heard();
       if (silent > options_.heartbeat_timeout) {
-        group->mark_down(fmt::format("no heartbeat for {:.1f} s", seconds(silent)));
+        group->mark_down(fmt::format("no heartbeat for {:.1f} s", seconds(silent)), "heartbeat_lost");
       }
     }
     // Our heartbeat to every group (the worker's coordinator timeout watches it).

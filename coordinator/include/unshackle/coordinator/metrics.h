@@ -44,6 +44,10 @@ class Metrics {
   void finished(const std::string& reason);
   void set_group_up(const std::string& group, bool up);
   void set_rank_kv(const std::string& group, int rank, double bytes, double tokens);
+  // unshackle_worker_group_down_total{cause}: step_timeout (a call, i.e. a collective, hung),
+  // collective_failed (the group sent fatal), heartbeat_lost, link_closed, health_failed,
+  // protocol, shutdown. The alert on collective timeouts reads the first two.
+  void group_down(const std::string& cause);
 
  private:
   std::shared_ptr<prometheus::Registry> registry_;
@@ -51,6 +55,7 @@ class Metrics {
   prometheus::Family<prometheus::Gauge>* group_up_family_;
   prometheus::Family<prometheus::Gauge>* rank_bytes_family_;
   prometheus::Family<prometheus::Gauge>* rank_tokens_family_;
+  prometheus::Family<prometheus::Counter>* group_down_family_;
   std::mutex mutex_;
   std::map<std::string, prometheus::Counter*> finished_;
 };

@@ -49,7 +49,7 @@ class WorkerGroup {
 
   // From the registry (link strand).
   void on_message(const nlohmann::json& message);
-  void mark_down(const std::string& reason);
+  void mark_down(const std::string& reason, const char* cause = "protocol");  // cause: see Metrics::group_down
   std::chrono::steady_clock::time_point last_heard() const { return last_heard_.load(); }
   void send_heartbeat() { link_->send(nlohmann::json{{"type", "heartbeat"}}); }
 
