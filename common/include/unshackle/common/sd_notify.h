@@ -1,0 +1,18 @@
+// systemd readiness for Type=notify units (deploy/systemd): the coordinator says READY=1 once
+// it listens, a worker group's rank 0 once every rank has joined and the coordinator welcomed
+// the group. Each call is a no-op returning false when the process was not started by systemd
+// ($NOTIFY_SOCKET unset) or the build has no libsystemd, so callers never need to care.
+#pragma once
+
+#include <string>
+
+namespace unshackle {
+
+// READY=1 plus a STATUS= line shown by `systemctl status`.
+bool notify_ready(const std::string& status);
+// STATUS= only (e.g. "waiting for 3 of 4 ranks").
+bool notify_status(const std::string& status);
+// STOPPING=1: shutdown began, so systemd does not count the exit as a crash while it waits.
+bool notify_stopping();
+
+}  // namespace unshackle
