@@ -158,7 +158,7 @@ class CpuBackend final : public Backend {
       p.out_values[i] = i < count ? p.values[order[static_cast<size_t>(i)]] : kNegInf;
       p.out_tokens[i] = i < count ? p.tokens[order[static_cast<size_t>(i)]] : -1;
     }
-    *p.out_count = count;
+    if (p.out_count) *p.out_count = count;
   }
 
   void attend(const AttendParams& p) override {

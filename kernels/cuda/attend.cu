@@ -40,7 +40,9 @@ void run_fast(const AttendParams& p, Workspace& workspace, cudaStream_t stream) 
   attend::attend_rows_kernel<T, D, GH><<<grid, attend::kThreads, 0, stream>>>(p, rows_per_split, out);
   UNS_CUDA_CHECK_LAUNCH();
   if (splits > 1) {
-    merge::merge_kernel<<<static_cast<unsigned>(rows), D, 0, stream>>>(out.o, out.lse, splits, 1, splits, D, p.o, p.lse);
+    const merge::Shape shape = merge::merge_shape(D, splits);
+    merge::merge_kernel<<<static_cast<unsigned>(rows), shape.threads, 0, stream>>>(out.o, out.lse, splits, 1, splits, D,
+                                                                                    shape, p.o, p.lse);
     UNS_CUDA_CHECK_LAUNCH();
   }
 }
@@ -78,7 +80,9 @@ void run_generic(const AttendParams& p, Workspace& workspace, cudaStream_t strea
   const dim3 grid(static_cast<unsigned>(splits), static_cast<unsigned>(p.G), static_cast<unsigned>(p.l_C));
   attend::generic_attend_kernel<D><<<grid, (p.H / p.G) * 32, 0, stream>>>(p, rows_per_split, splits, parts, part_lse);
   UNS_CUDA_CHECK_LAUNCH();
-  merge::merge_kernel<<<static_cast<unsigned>(rows), D, 0, stream>>>(parts, part_lse, splits, 1, splits, D, p.o, p.lse);
+  const merge::Shape shape = merge::merge_shape(D, splits);
+  merge::merge_kernel<<<static_cast<unsigned>(rows), shape.threads, 0, stream>>>(parts, part_lse, splits, 1, splits, D,
+                                                                                  shape, p.o, p.lse);
   UNS_CUDA_CHECK_LAUNCH();
 }
 

@@ -14,8 +14,10 @@ __global__ void convert_kernel(const void* src, DType src_dtype, void* dst, DTyp
     store_from_float(dst, dst_dtype, static_cast<int64_t>(i), load_as_float(src, src_dtype, static_cast<int64_t>(i)));
 }
 
-// One block per query token: rotate every head at position w into shared memory, then one
-// warp per output (coalesced reads of a row of Wq), or the GQA fold.
+// Block (c, y): rotate every head of query token c at position w into shared memory, then
+// one warp per output j = y * warps + warp (coalesced reads of a row of Wq), or (y = 0) the
+// GQA fold. Spreading the d' rows of Wq over d' / 8 blocks per token reads the 2 MB of Wq
+// from many SMs at once (one block per token took 56 us on H100 for one decode token).
 __global__ void compress_query_kernel(CompressQueryParams p) {
   extern __shared__ float rotated[];  // [H*d]
   const int dH = p.H * p.d, half = p.d / 2;
@@ -32,9 +34,11 @@ __global__ void compress_query_kernel(CompressQueryParams p) {
   float* out = p.q_out + static_cast<size_t>(blockIdx.x) * p.d_c;
   if (p.wq) {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
-    for (int j = warp; j < p.d_c; j += warps) {
+    const int j = blockIdx.y * warps + warp;
+    if (j < p.d_c) {
       const float* row = p.wq + static_cast<size_t>(j) * dH;
       float acc = 0;
+#pragma unroll 8
       for (int i = lane; i < dH; i += 32) acc = fmaf(row[i], rotated[i], acc);
       acc = warp_sum(acc);
       if (lane == 0) out[j] = acc;
@@ -82,7 +86,9 @@ void launch_compress_query(const CompressQueryParams& p, cudaStream_t stream) {
   const size_t shared = static_cast<size_t>(p.H) * p.d * sizeof(float);
   UNS_CUDA_CHECK(cudaFuncSetAttribute(compress_query_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       static_cast<int>(shared)));
-  compress_query_kernel<<<p.l_C, 256, shared, stream>>>(p);
+  constexpr int kThreads = 256;  // 8 warps: 8 outputs per block
+  const dim3 grid(static_cast<unsigned>(p.l_C), p.wq ? static_cast<unsigned>((p.d_c + kThreads / 32 - 1) / (kThreads / 32)) : 1u);
+  compress_query_kernel<<<grid, kThreads, shared, stream>>>(p);
   UNS_CUDA_CHECK_LAUNCH();
 }
 

@@ -24,7 +24,7 @@ void launch_compress_keys(const CompressKeysParams& p, cudaStream_t stream);
 void launch_score_query_max(const ScoreParams& p, cudaStream_t stream);
 void launch_score_chunk(const ScoreParams& p, cudaStream_t stream);
 void launch_proximity(const ProximityParams& p, cudaStream_t stream);
-// Synchronises `stream` to fill the host out_count.
+// Synchronises `stream` to fill the host out_count when it is not null.
 void launch_top_k(const TopKParams& p, Workspace& workspace, cudaStream_t stream);
 void launch_attend(const AttendParams& p, Workspace& workspace, cudaStream_t stream);
 void launch_merge(const MergeParams& p, cudaStream_t stream);

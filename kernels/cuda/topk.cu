@@ -1,6 +1,6 @@
 // Top-k launcher (kernel bodies and the method: topk.cuh). min(k, n) <= 4096 takes the radix
-// select (a memset and three launches, no full sort); anything larger a full CUB radix sort of
-// the same keys. Both give the SPEC order exactly; the op synchronises to fill out_count.
+// select (a memset and four launches, no full sort); anything larger a full CUB radix sort of
+// the same keys. Both give the SPEC order exactly; the op synchronises only to fill a non-null out_count.
 #include <cub/device/device_radix_sort.cuh>
 
 #include <algorithm>
@@ -41,14 +41,13 @@ const uint32_t* radix_select(const TopKParams& p, Workspace& workspace, cudaStre
   UNS_CUDA_CHECK_LAUNCH();
   second_pass_kernel<<<grid, kThreads, 0, stream>>>(p, state, buffer[1], out_keys, out_index);
   UNS_CUDA_CHECK_LAUNCH();
-  uint32_t size = 2;
-  while (size < wanted) size <<= 1;
-  const size_t shared = std::max<size_t>(size * (sizeof(uint64_t) + sizeof(uint32_t)), (1u << digit_bits(2)) * sizeof(uint32_t));
-  // Past 48 KB of shared memory a block needs the opt-in (k near 4096: 4096 * 12 B plus the
-  // static scan storage); the device run of 2026-11-22 failed the launch without it.
-  if (shared > 32 * 1024)
-    UNS_CUDA_CHECK(cudaFuncSetAttribute(tail_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared)));
+  const size_t shared = (1u << digit_bits(2)) * sizeof(uint32_t);  // the largest tail histogram
   tail_kernel<<<1, kTailThreads, shared, stream>>>(p, state, buffer[0], buffer[1], out_keys, out_index);
+  UNS_CUDA_CHECK_LAUNCH();
+  // Fixed grid: the selected count is known on the device only (blocks past it only pad).
+  const int64_t rank_keys = std::max<int64_t>(wanted, 1);
+  rank_kernel<<<static_cast<unsigned>((rank_keys + kRankThreads - 1) / kRankThreads), kRankThreads, 0, stream>>>(
+      p, state, out_keys, out_index);
   UNS_CUDA_CHECK_LAUNCH();
   return &state->selected;
 }
@@ -90,11 +89,12 @@ const uint32_t* full_sort(const TopKParams& p, Workspace& workspace, cudaStream_
 void launch_top_k(const TopKParams& p, Workspace& workspace, cudaStream_t stream) {
   p.check();
   if (p.k == 0) {
-    *p.out_count = 0;
+    if (p.out_count) *p.out_count = 0;
     return;
   }
   const uint32_t* count = std::min(p.k, p.n) <= topk::kMaxSorted ? radix_select(p, workspace, stream)
                                                                  : full_sort(p, workspace, stream);
+  if (!p.out_count) return;  // the caller counts the tokens before the -1 padding: no synchronisation
   auto* host_count = static_cast<uint32_t*>(workspace.pinned());  // pinned: a short copy
   UNS_CUDA_CHECK(cudaMemcpyAsync(host_count, count, sizeof *host_count, cudaMemcpyDeviceToHost, stream));
   UNS_CUDA_CHECK(cudaStreamSynchronize(stream));

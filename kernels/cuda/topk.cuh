@@ -9,8 +9,9 @@
 // finish, in the grid passes), and the next pass sends keys above that bucket to the output
 // list and keeps those inside it. Once a bucket holds exactly the keys still wanted, it is
 // taken whole and the later passes see no candidates. Passes 0 and 1 read the whole input
-// (grid kernels); passes 2..5, the last filter and the bitonic rank-order sort of the <= k
-// selected keys run in one block. Four launches and one 4-byte copy to the host in all.
+// (grid kernels); passes 2..5 and the last filter run in one block; the rank order of the
+// <= k selected keys comes from counting, over many blocks. A memset, four launches and one
+// 4-byte copy to the host in all.
 // Tokens must lie in [0, 2^32 - 1) and be distinct for the low word to be unique.
 #pragma once
 
@@ -199,14 +200,13 @@ __global__ void __launch_bounds__(kThreads) second_pass_kernel(TopKParams p, Sta
   choose_bucket<kThreads, false>(state->hist[1], bins, __ldcg(&state->candidates[1]), prev.remaining, &state->decision[1]);
 }
 
-// One block: passes 2..5 over the (usually few) candidates left by pass 1, the last filter,
-// then the rank-order sort of the <= k selected keys (bitonic, descending: unique keys give
-// the SPEC order) and the outputs, padded with (-inf, -1) up to k. Many exact ties (say every
-// value equal) leave many candidates: still right, one SM slower.
+// One block: passes 2..5 over the (usually few) candidates left by pass 1 and the last
+// filter into the output list (rank_kernel orders it). Many exact ties (say every value
+// equal) leave many candidates: still right, one SM slower.
 constexpr int kTailThreads = 1024;
 __global__ void __launch_bounds__(kTailThreads) tail_kernel(TopKParams p, State* state, Candidate* buffer0,
                                                            Candidate* buffer1, uint64_t* out_keys, uint32_t* out_index) {
-  extern __shared__ uint64_t dynamic_shared[];  // histogram during the passes, then the sort
+  extern __shared__ uint64_t dynamic_shared[];  // the histogram of each pass
   __shared__ Decision decision;
   auto* hist = reinterpret_cast<uint32_t*>(dynamic_shared);
   if (threadIdx.x == 0) decision = state->decision[1];
@@ -253,45 +253,34 @@ __global__ void __launch_bounds__(kTailThreads) tail_kernel(TopKParams p, State*
     next = t;
   }
 
-  // Sort the output list.
+}
+
+// Rank-order output of the <= kMaxSorted selected keys, by counting: the key of rank r has
+// exactly r larger keys (keys are unique), so thread i writes its entry at the count of keys
+// above its own. Many blocks (kRankThreads keys each) replace the single-block bitonic sort
+// (66 barrier stages at k = 2048). Entries [selected, k) are padded with (-inf, -1).
+constexpr int kRankThreads = 128;
+__global__ void __launch_bounds__(kRankThreads) rank_kernel(TopKParams p, const State* state, const uint64_t* out_keys,
+                                                           const uint32_t* out_index) {
+  __shared__ uint64_t keys[kMaxSorted];
   const uint32_t selected = min(static_cast<uint32_t>(kMaxSorted), __ldcg(&state->selected));
-  uint32_t size = 2;
-  while (size < selected) size <<= 1;
-  uint64_t* sorted_keys = dynamic_shared;
-  auto* sorted_index = reinterpret_cast<uint32_t*>(sorted_keys + size);
-  for (uint32_t i = threadIdx.x; i < size; i += blockDim.x) {
-    sorted_keys[i] = i < selected ? out_keys[i] : 0;  // real keys are > 0
-    sorted_index[i] = i < selected ? out_index[i] : 0xffffffffu;
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  // Padding first (blocks past the selected keys do only this).
+  for (int64_t j = selected + i; j < p.k; j += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    p.out_values[j] = neg_inf();
+    p.out_tokens[j] = -1;
   }
+  if (static_cast<int64_t>(blockIdx.x) * blockDim.x >= selected) return;
+  for (uint32_t j = threadIdx.x; j < selected; j += blockDim.x) keys[j] = __ldcg(out_keys + j);
   __syncthreads();
-  for (uint32_t span = 2; span <= size; span <<= 1) {
-    for (uint32_t j = span >> 1; j > 0; j >>= 1) {
-      for (uint32_t i = threadIdx.x; i < size; i += blockDim.x) {
-        const uint32_t partner = i ^ j;
-        if (partner <= i) continue;
-        const uint64_t a = sorted_keys[i], b = sorted_keys[partner];
-        const bool descending = (i & span) == 0;
-        if (descending ? a < b : a > b) {
-          sorted_keys[i] = b;
-          sorted_keys[partner] = a;
-          const uint32_t t = sorted_index[i];
-          sorted_index[i] = sorted_index[partner];
-          sorted_index[partner] = t;
-        }
-      }
-      __syncthreads();
-    }
-  }
-  for (int64_t i = threadIdx.x; i < p.k; i += blockDim.x) {
-    if (i < selected) {
-      const uint32_t j = sorted_index[i];
-      p.out_values[i] = p.values[j];
-      p.out_tokens[i] = p.tokens[j];
-    } else {
-      p.out_values[i] = neg_inf();
-      p.out_tokens[i] = -1;
-    }
-  }
+  if (i >= selected) return;
+  const uint64_t mine = keys[i];
+  uint32_t rank = 0;
+#pragma unroll 8
+  for (uint32_t j = 0; j < selected; ++j) rank += keys[j] > mine;  // every lane reads keys[j]: a broadcast
+  const uint32_t at = __ldcg(out_index + i);
+  p.out_values[rank] = p.values[at];
+  p.out_tokens[rank] = p.tokens[at];
 }
 
 // The general path (min(k, n) above kMaxSorted): a full descending radix sort of the keys.

@@ -251,6 +251,38 @@ TEST_F(CudaBackendTest, MergeAndLagKV) {
 }
 
 
+// The merge kernel reads a row's parts in parallel (part lanes) with weights staged per tile
+// of 1024 parts, and covers wide rows in column passes: part counts 1, 2, 98 (attend's split
+// count for ESA rows), 1500 (two weight tiles) and widths 1, 72, 128, 1100 (> 1024 threads).
+TEST_F(CudaBackendTest, MergeManyPartsOddWidths) {
+  uint64_t seed = 300;
+  for (const int parts : {1, 2, 98, 1500}) {
+    for (const int d : {1, 72, 128, 1100}) {
+      if (parts * d > 400000) continue;  // keep the test small
+      const int rows = 5;
+      auto o = normal_vector(static_cast<size_t>(parts) * rows * d, seed++);
+      auto lse = normal_vector(static_cast<size_t>(parts) * rows, seed++, 4.0f);
+      for (int i = 0; i < parts; i += 3) lse[static_cast<size_t>(i * rows + 1)] = -INFINITY;  // some empty parts
+      for (int i = 0; i < parts; ++i) lse[static_cast<size_t>(i * rows + 2)] = -INFINITY;     // an all-empty row
+      std::vector<float> want(static_cast<size_t>(rows) * d), want_lse(rows);
+      cpu->merge({.o_parts = o.data(), .lse_parts = lse.data(), .n_parts = parts, .rows = rows, .d = d, .o = want.data(),
+                  .lse = want_lse.data()});
+      auto dov = upload(o), dl = upload(lse), dout = poisoned(want.size()), dlse = poisoned(want_lse.size());
+      gpu->merge({.o_parts = dov.as<float>(), .lse_parts = dl.as<float>(), .n_parts = parts, .rows = rows, .d = d,
+                  .o = dout.as<float>(), .lse = dlse.as<float>()});
+      const auto got = download<float>(dout, want.size());
+      const auto got_lse = download<float>(dlse, want_lse.size());
+      EXPECT_LT(relative_error(got, want), tolerance::kF32) << "parts " << parts << " d " << d;
+      EXPECT_EQ(got_lse[2], -INFINITY) << "parts " << parts << " d " << d;
+      for (int r : {0, 1, 3, 4})
+        EXPECT_LT(std::fabs(got_lse[static_cast<size_t>(r)] - want_lse[static_cast<size_t>(r)]), 1e-5f * (1 + std::fabs(want_lse[static_cast<size_t>(r)])))
+            << "parts " << parts << " d " << d << " row " << r;
+      for (int j = 0; j < d; ++j) EXPECT_EQ(got[static_cast<size_t>(2 * d + j)], 0.0f);
+    }
+  }
+}
+
+
 // The scoring fast paths: every width they cover (64, 128, the exact fold's G*d = 1024),
 // chunks longer than one shared slice of queries (l_C = 40 > 32 at d_c = 128), rows lists,
 // and a misaligned key pointer (generic path), each against the CPU on identical values.
