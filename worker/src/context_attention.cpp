@@ -474,6 +474,7 @@ void ContextAttention::forward(int layer, const float* q, const float* k, const 
   const Segments seg = compute_segments(length_, l_C, cfg.l_I, cfg.l_L);
   LayerStepStats& stats = stats_.at(static_cast<size_t>(layer));
   stats = {};
+  if (options_.observer) options_.observer(layer, q, k, l_C, length_);
   append_chunk(layer, l_C, k, v);                                   // [1]
   if (cfg.evicts()) evict_due(layer, seg, stats);                   // [2]
   std::vector<int64_t> selected_mine;

@@ -9,6 +9,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <vector>
 
@@ -35,6 +36,9 @@ struct ContextAttentionOptions {
   const CompressionWeights* compression = nullptr;  // required by esa/block; may be null otherwise
   int64_t max_tokens = 0;                  // capacity of the context (0: unbounded); beyond it -> Error(kCapacity)
   int64_t reserve_tokens = 0;              // allocate the shard for this many tokens up front
+  // Optional: sees each layer step's q [l_C, H, d] and k [l_C, G, d] (pre-RoPE, backend
+  // memory) before attention; `first` is the chunk's first token. `unshackle calibrate` uses it.
+  std::function<void(int layer, const float* q, const float* k, int64_t l_C, int64_t first)> observer;
 };
 
 // What one layer step did, for tests, the case tool and metrics.
