@@ -101,6 +101,7 @@ BackendBuffer& ContextAttention::scratch(int slot, size_t bytes) {
 // Collectives (stage through host memory when backend and communicator memory differ)
 
 void ContextAttention::all_reduce(void* data, size_t count, DType dtype, ReduceOp op, LayerStepStats& stats) {
+  if (comm_.size() == 1) return;  // one rank: the reduction is the data itself (no host synchronisation)
   backend_.synchronize();  // the communicator's stream must see what the backend's stream wrote
   CollectiveTimer timer(stats.collective_seconds);
   if (comm_.memory_space() == backend_.memory_space()) return comm_.all_reduce(data, data, count, dtype, op);
@@ -111,6 +112,7 @@ void ContextAttention::all_reduce(void* data, size_t count, DType dtype, ReduceO
 }
 
 void ContextAttention::all_gather(const void* send, void* recv, size_t bytes_per_rank, LayerStepStats& stats) {
+  if (comm_.size() == 1) return backend_.copy_within(recv, send, bytes_per_rank);  // queued on the backend's stream
   backend_.synchronize();
   CollectiveTimer timer(stats.collective_seconds);
   if (comm_.memory_space() == backend_.memory_space()) return comm_.all_gather(send, recv, bytes_per_rank);
@@ -298,10 +300,16 @@ std::vector<int64_t> ContextAttention::select_tokens(int layer, const Segments& 
   const size_t values_bytes = static_cast<size_t>((k + 1) / 2 * 2) * sizeof(float);
   const size_t block_bytes = values_bytes + static_cast<size_t>(k) * sizeof(int64_t);
   BackendBuffer& cand = scratch(kCandidates, block_bytes);
-  int64_t local_count = 0;
+  // No out_count: the op stays queued (no host synchronisation); padding tokens are -1.
   backend_.top_k({.values = F_prox.as<float>(), .tokens = candidates, .n = n_s, .k = k, .out_values = cand.as<float>(),
                   .out_tokens = reinterpret_cast<int64_t*>(cand.as<unsigned char>() + values_bytes),
-                  .out_count = &local_count});
+                  .out_count = nullptr});
+  std::vector<int64_t> selected(static_cast<size_t>(k));
+  if (comm_.size() == 1) {  // the local top-k is the global one: copy its tokens, skip the host merge
+    backend_.copy_to_host(selected.data(), cand.as<unsigned char>() + values_bytes, selected.size() * sizeof(int64_t));
+    selected.erase(std::find(selected.begin(), selected.end(), int64_t{-1}), selected.end());
+    return finish_selection(std::move(selected), stats);
+  }
   const auto P = static_cast<size_t>(comm_.size());
   BackendBuffer& gathered = scratch(kGathered, block_bytes * P);
   all_gather(cand.data(), gathered.data(), block_bytes, stats);
@@ -316,13 +324,18 @@ std::vector<int64_t> ContextAttention::select_tokens(int layer, const Segments& 
     std::memcpy(tokens.data() + r * k, host.data() + r * block_bytes + values_bytes, static_cast<size_t>(k) * sizeof(int64_t));
   }
   std::vector<float> top_values(static_cast<size_t>(k));
-  std::vector<int64_t> selected(static_cast<size_t>(k));
   int64_t count = 0;
   host_ops_->top_k({.values = values.data(), .tokens = tokens.data(), .n = static_cast<int64_t>(values.size()), .k = k,
                     .out_values = top_values.data(), .out_tokens = selected.data(), .out_count = &count});
   selected.resize(static_cast<size_t>(count));
+  return finish_selection(std::move(selected), stats);
+}
+
+// The global selected set (sorted) into stats; returns the tokens this rank owns.
+std::vector<int64_t> ContextAttention::finish_selection(std::vector<int64_t> selected, LayerStepStats& stats) {
   std::sort(selected.begin(), selected.end());
   std::vector<int64_t> mine;
+  mine.reserve(selected.size());
   for (int64_t t : selected)
     if (shard_->owns(t)) mine.push_back(t);
   stats.selected = std::move(selected);

@@ -78,6 +78,7 @@ class ContextAttention {
   void append_chunk(int layer, int64_t l_C, const float* k, const float* v);
   void evict_due(int layer, const Segments& seg, LayerStepStats& stats);
   std::vector<int64_t> select_tokens(int layer, const Segments& seg, const float* q, LayerStepStats& stats);
+  std::vector<int64_t> finish_selection(std::vector<int64_t> selected, LayerStepStats& stats);
   std::vector<int64_t> select_blocks(int layer, const Segments& seg, const float* F, int64_t s_begin, int64_t n_s,
                                      LayerStepStats& stats);
   void attend_and_merge(int layer, const Segments& seg, const float* q, const std::vector<int64_t>& selected_mine,
