@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Issue 5 in one device call: check, then time. Runs on the GPU machine from the repository
+# root with the binaries that bench/build_device_bench.sh put in .device-build/kernels/.
+# Every section has its own time limit, so one hang cannot eat the call; logs go to $OUT.
+#   bench/run_device_bench.sh [sections]     sections: any of
+#     tests step kernels decode sdpa capacity prefill sanitize     (default: all, in this order)
+# P ranks for the MPI sections: RANKS (default: the number of GPUs).
+set -uo pipefail
+bin=.device-build/kernels
+out=${OUT:-/tmp/out}
+mkdir -p "$out"
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+gpus=$(nvidia-smi -L | wc -l)
+ranks=${RANKS:-$gpus}
+sections=${*:-tests step kernels decode sdpa capacity prefill sanitize}
+mpi() { mpirun --allow-run-as-root -np "$ranks" -x NCCL_NVLS_ENABLE "$@"; }
+section() { echo; echo "== $1 ($(date -u +%H:%M:%S))"; }
+want() { [[ " $sections " == *" $1 "* ]]; }
+
+{ nvidia-smi -L; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv; date -u
+  cat "$bin/COMMIT" 2>/dev/null; echo "ranks $ranks"; } 2>&1 | tee "$out/device.txt"
+
+if want tests; then
+  section "kernels_cuda_test (every op against the CPU reference)"
+  timeout 120 "$bin/kernels_cuda_test" 2>&1 | tee "$out/tests.txt" | grep -E "^\[  (PASSED|FAILED|  OK|SKIPPED) |FAILED|Failure|error" | head -40
+fi
+if want step; then
+  section "NCCL layer step vs the CPU oracle, mpirun -np $ranks"
+  timeout 90 mpi "$bin/worker_nccl_step" 2>&1 | tee "$out/step.txt" | tail -14
+fi
+if want kernels; then
+  section "kernels at 128k / 256k / 1M rows (CUDA events, copy ceiling in the same run)"
+  OUT=$out timeout 120 "$bin/bench_kernels" 2>&1 | tee "$out/bench.txt"
+fi
+if want decode; then
+  section "32-layer decode step at 1M tokens: ESA vs full (ours), then SDPA on the same shape"
+  timeout 150 mpi "$bin/bench_gpu_step" decode 1048576 8 2>&1 | tee -a "$out/bench.txt"
+fi
+if want sdpa; then
+  timeout 90 python3 bench/sdpa_bench.py decode 1048576 8 2>&1 | tee -a "$out/bench.txt"
+fi
+if want capacity; then
+  section "capacity: longest ESA context next to 16 GB of weights, allocated, loaded and decoded"
+  timeout 150 mpi "$bin/bench_gpu_step" capacity 16 2>&1 | tee -a "$out/bench.txt"
+fi
+if want prefill; then
+  section "prefill attention: ESA (ours, 512-token chunks, one layer) and SDPA (one layer, causal)"
+  timeout 60 mpi "$bin/bench_gpu_step" prefill 131072 1 2>&1 | tee -a "$out/bench.txt"
+  timeout 60 python3 bench/sdpa_bench.py prefill 131072 3 2>&1 | tee -a "$out/bench.txt"
+  timeout 100 mpi "$bin/bench_gpu_step" prefill 1048576 1 2>&1 | tee -a "$out/bench.txt"
+  timeout 100 python3 bench/sdpa_bench.py prefill 1048576 1 2>&1 | tee -a "$out/bench.txt"
+fi
+if want sanitize; then
+  # Small sizes only: the filters pick the tests whose largest inputs are a few thousand rows
+  # (the 262144- and 2M-row cases run in the plain test above).
+  section "compute-sanitizer memcheck"
+  timeout 100 compute-sanitizer --tool memcheck --error-exitcode 3 "$bin/kernels_cuda_test" \
+    --gtest_filter='*Merge*:*TopKCorner*:*CompressQuery*:*AttendBoth*' 2>&1 | tee "$out/sanitize.txt" | tail -4
+  section "compute-sanitizer racecheck (shared-memory kernels: merge, top-k tail and rank)"
+  timeout 100 compute-sanitizer --tool racecheck --error-exitcode 3 "$bin/kernels_cuda_test" \
+    --gtest_filter='*MergeMany*:*TopKCorner*' 2>&1 | tee -a "$out/sanitize.txt" | tail -4
+fi
+section "done"
