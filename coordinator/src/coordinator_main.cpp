@@ -8,6 +8,7 @@
 #include <cstdlib>
 #include <fstream>
 
+#include "unshackle/common/sd_notify.h"
 #include "unshackle/coordinator/http_server.h"
 #include "unshackle/service/wire.h"
 
@@ -86,9 +87,11 @@ int main(int argc, char** argv) {
       std::ofstream(tmp) << fmt::format("{{\"http\":{},\"worker\":{}}}\n", http_port, bound_worker_port);
       std::rename(tmp.c_str(), port_file.c_str());
     }
+    notify_ready(fmt::format("HTTP on {}:{}, workers on {}:{}", host, http_port, worker_host, bound_worker_port));
     boost::asio::signal_set signals(ioc, SIGINT, SIGTERM);
     signals.async_wait([&](const boost::system::error_code&, int) {
       std::fprintf(stderr, "unshackle-coordinator: shutting down\n");
+      notify_stopping();
       server.stop();
       registry.stop();
       boost::asio::post(ioc, [&] { ioc.stop(); });
