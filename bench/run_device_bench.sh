@@ -3,7 +3,7 @@
 # root with the binaries that bench/build_device_bench.sh put in .device-build/kernels/.
 # Every section has its own time limit, so one hang cannot eat the call; logs go to $OUT.
 #   bench/run_device_bench.sh [sections]     sections: any of
-#     tests step kernels decode sdpa capacity prefill sanitize     (default: all, in this order)
+#     tests step kernels decode sdpa capacity prefill sdpa_prefill sanitize     (default: all, in this order)
 # P ranks for the MPI sections: RANKS (default: the number of GPUs).
 set -uo pipefail
 bin=.device-build/kernels
@@ -13,8 +13,8 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 gpus=$(nvidia-smi -L | wc -l)
 ranks=${RANKS:-$gpus}
-sections=${*:-tests step kernels decode sdpa capacity prefill sanitize}
-mpi() { mpirun --allow-run-as-root -np "$ranks" -x NCCL_NVLS_ENABLE "$@"; }
+sections=${*:-tests step kernels decode sdpa capacity prefill sdpa_prefill sanitize}
+mpi=(mpirun --allow-run-as-root -np "$ranks" -x NCCL_NVLS_ENABLE)  # an array: `timeout` runs no shell functions
 section() { echo; echo "== $1 ($(date -u +%H:%M:%S))"; }
 want() { [[ " $sections " == *" $1 "* ]]; }
 
@@ -27,7 +27,7 @@ if want tests; then
 fi
 if want step; then
   section "NCCL layer step vs the CPU oracle, mpirun -np $ranks"
-  timeout 90 mpi "$bin/worker_nccl_step" 2>&1 | tee "$out/step.txt" | tail -14
+  timeout 90 "${mpi[@]}" "$bin/worker_nccl_step" 2>&1 | tee "$out/step.txt" | tail -14
 fi
 if want kernels; then
   section "kernels at 128k / 256k / 1M rows (CUDA events, copy ceiling in the same run)"
@@ -35,20 +35,23 @@ if want kernels; then
 fi
 if want decode; then
   section "32-layer decode step at 1M tokens: ESA vs full (ours), then SDPA on the same shape"
-  timeout 150 mpi "$bin/bench_gpu_step" decode 1048576 8 2>&1 | tee -a "$out/bench.txt"
+  timeout 150 "${mpi[@]}" "$bin/bench_gpu_step" decode 1048576 8 2>&1 | tee -a "$out/bench.txt"
 fi
 if want sdpa; then
   timeout 90 python3 bench/sdpa_bench.py decode 1048576 8 2>&1 | tee -a "$out/bench.txt"
 fi
 if want capacity; then
   section "capacity: longest ESA context next to 16 GB of weights, allocated, loaded and decoded"
-  timeout 150 mpi "$bin/bench_gpu_step" capacity 16 2>&1 | tee -a "$out/bench.txt"
+  timeout 150 "${mpi[@]}" "$bin/bench_gpu_step" capacity 16 2>&1 | tee -a "$out/bench.txt"
 fi
 if want prefill; then
-  section "prefill attention: ESA (ours, 512-token chunks, one layer) and SDPA (one layer, causal)"
-  timeout 60 mpi "$bin/bench_gpu_step" prefill 131072 1 2>&1 | tee -a "$out/bench.txt"
+  section "prefill attention: ESA (ours, 512-token chunks, one layer)"
+  timeout 60 "${mpi[@]}" "$bin/bench_gpu_step" prefill 131072 1 2>&1 | tee -a "$out/bench.txt"
+  timeout 100 "${mpi[@]}" "$bin/bench_gpu_step" prefill 1048576 1 2>&1 | tee -a "$out/bench.txt"
+fi
+if want sdpa_prefill; then
+  section "prefill attention: PyTorch SDPA, one layer, causal"
   timeout 60 python3 bench/sdpa_bench.py prefill 131072 3 2>&1 | tee -a "$out/bench.txt"
-  timeout 100 mpi "$bin/bench_gpu_step" prefill 1048576 1 2>&1 | tee -a "$out/bench.txt"
   timeout 100 python3 bench/sdpa_bench.py prefill 1048576 1 2>&1 | tee -a "$out/bench.txt"
 fi
 if want sanitize; then
