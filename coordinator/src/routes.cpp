@@ -143,6 +143,27 @@ Reply Router::route(const HttpRequest& r, const std::string& path) {
     return completions(r);
   }
   // Jobs.
+  if (is({"v1", "jobs"}) && m == "GET") {
+    // The newest jobs first; ?limit=N (1..1000, default 100).
+    size_t limit = 100;
+    const size_t q = r.target.find("limit=");
+    if (q != std::string::npos) {
+      const std::string value = r.target.substr(q + 6, r.target.find('&', q) - q - 6);
+      size_t used = 0;
+      long long parsed = -1;
+      try {
+        parsed = std::stoll(value, &used);
+      } catch (const std::exception&) {
+      }
+      if (used != value.size() || parsed < 1 || parsed > 1000)
+        return respond(ApiError(400, fmt::format("limit: must be an integer in [1, 1000] (got '{}')", value), "limit",
+                                "invalid_value"));
+      limit = static_cast<size_t>(parsed);
+    }
+    json data = json::array();
+    for (const auto& job : scheduler_.list_jobs(limit)) data.push_back(job->to_json());
+    return respond_json(json{{"object", "list"}, {"data", std::move(data)}});
+  }
   if (is({"v1", "jobs"})) {
     if (m != "POST") return respond(method_not_allowed(r, path));
     CompletionRequest req = parse_completion(parse_body(r.body), options_.default_attention);

@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cstdio>
 #include <random>
 
@@ -38,10 +39,21 @@ ApiError group_lost_error(const std::string& message) {
   return e;
 }
 
+// The field an engine message starts with ("attention.mode: ..." -> "attention.mode"), or "".
+std::string message_param(const std::string& message) {
+  const size_t colon = message.find(": ");
+  if (colon == std::string::npos || colon == 0 || colon > 64) return "";
+  for (size_t i = 0; i < colon; ++i) {
+    const char c = message[i];
+    if (!(std::isalnum(static_cast<unsigned char>(c)) || c == '_' || c == '.' || c == '[' || c == ']')) return "";
+  }
+  return message.substr(0, colon);
+}
+
 ApiError engine_error(const Error& error) {
   const std::string message = wire::plain_message(error);
   switch (error.kind()) {
-    case ErrorKind::kInvalidArgument: return ApiError(400, message, "", "invalid_value");
+    case ErrorKind::kInvalidArgument: return ApiError(400, message, message_param(message), "invalid_value");
     case ErrorKind::kNotFound: return ApiError(404, message, "", "not_found");
     case ErrorKind::kCapacity: {
       ApiError e(400, message, "prompt", "context_length_exceeded");
@@ -318,6 +330,18 @@ std::shared_ptr<Job> Scheduler::find_job(const std::string& id) const {
   return it == jobs_.end() ? nullptr : it->second;
 }
 
+std::vector<std::shared_ptr<Job>> Scheduler::list_jobs(size_t limit) const {
+  std::vector<std::shared_ptr<Job>> out;
+  {
+    std::lock_guard lock(mutex_);
+    for (const auto& [id, job] : jobs_)
+      if (!context_by_job_.count(id)) out.push_back(job);
+  }
+  std::sort(out.begin(), out.end(), [](const auto& a, const auto& b) { return a->created > b->created; });
+  if (out.size() > limit) out.resize(limit);
+  return out;
+}
+
 std::shared_ptr<Job> Scheduler::cancel_job(const std::string& id) {
   std::shared_ptr<Job> job;
   bool was_queued = false;
@@ -509,7 +533,8 @@ void Scheduler::step(WorkerGroup& g, Run& run) {
     }
     if (!run.tokenized) {
       if (spec.prompt_is_text) {
-        const json r = g.call("tokenize", json{{"text", spec.prompt_text}}, timeout);
+        // A prompt that continues a stored context gets no BOS of its own.
+        const json r = g.call("tokenize", json{{"text", spec.prompt_text}, {"continuation", run.fork}}, timeout);
         run.prompt = r.at("tokens").get<std::vector<int32_t>>();
       } else {
         run.prompt = spec.prompt_tokens;

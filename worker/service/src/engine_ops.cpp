@@ -2,6 +2,8 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
+
 #include "unshackle/common/check.h"
 #include "unshackle/service/wire.h"
 
@@ -96,7 +98,14 @@ json EngineOps::execute(const std::string& op, const json& args) {
   if (op == "info") return model_info_to_json(engine_.info());
   if (op == "tokenize") {
     UNS_CHECK(args.contains("text") && args["text"].is_string(), "tokenize needs a string 'text'");
-    return json{{"tokens", engine_.tokenize(args["text"].get<std::string>())}};
+    std::vector<int32_t> tokens = engine_.tokenize(args["text"].get<std::string>());
+    if (args.value("continuation", false)) {
+      // Text that continues a context: drop the specials (BOS) the tokenizer puts before any text.
+      const std::vector<int32_t> prefix = engine_.tokenize("");
+      if (tokens.size() >= prefix.size() && std::equal(prefix.begin(), prefix.end(), tokens.begin()))
+        tokens.erase(tokens.begin(), tokens.begin() + static_cast<std::ptrdiff_t>(prefix.size()));
+    }
+    return json{{"tokens", std::move(tokens)}};
   }
   if (op == "detokenize") {
     const auto tokens = tokens_arg(args);

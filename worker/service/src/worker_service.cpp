@@ -119,7 +119,11 @@ class Leader {
       bool have_call = false;
       {
         std::unique_lock lock(mutex_);
-        cv_.wait_for(lock, options_.heartbeat, [this] { return closed_ || !calls_.empty(); });
+        cv_.wait_for(lock, options_.heartbeat, [this] { return closed_ || !calls_.empty() || stop_requested(); });
+        if (stop_requested()) {
+          log_line("stop requested (signal): leaving the coordinator");
+          return kWorkerExitClosed;
+        }
         if (closed_) {
           log_line("coordinator link closed: " + close_reason_);
           return rejected_ ? kWorkerExitCoordinator : (lost_ ? kWorkerExitCoordinator : kWorkerExitClosed);
@@ -161,6 +165,8 @@ class Leader {
     }
   }
 
+  bool stop_requested() const { return options_.stop != nullptr && options_.stop->load(); }
+
   int group_broken(const std::string& why) {
     log_line("group broken: " + why);
     link_->send(json{{"type", "fatal"}, {"message", why}});
@@ -190,6 +196,7 @@ class Leader {
       } catch (const std::exception& e) {
         last_error = e.what();
       }
+      if (stop_requested()) return false;
       if (Clock::now() >= deadline) {
         log_line(fmt::format("cannot reach the coordinator at {}:{}: {}", options_.coordinator_host,
                              options_.coordinator_port, last_error));

@@ -105,6 +105,8 @@ class Scheduler {
   // (token ids known), 503 no ready group, 429 queue full (unless bypass_queue_limit).
   std::shared_ptr<Job> submit(JobKind kind, JobSpec spec, bool bypass_queue_limit = false);
   std::shared_ptr<Job> find_job(const std::string& id) const;
+  // The newest `limit` jobs of kind job or completion (stored contexts' prefills excluded), newest first.
+  std::vector<std::shared_ptr<Job>> list_jobs(size_t limit) const;
   // The job, with cancel requested; nullptr for an unknown id.
   std::shared_ptr<Job> cancel_job(const std::string& id);
 

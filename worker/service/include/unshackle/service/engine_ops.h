@@ -3,7 +3,8 @@
 //
 //   op              args                                          result
 //   info            {}                                            ModelInfo
-//   tokenize        {"text"}                                      {"tokens":[..]}
+//   tokenize        {"text","continuation"?}                      {"tokens":[..]}
+//                     continuation: the text continues a context, so no BOS is put before it
 //   detokenize      {"tokens":[..]}                               {"text"}
 //   create_context  {"context","attention":{..},"reserve"}        {}
 //   fork_context    {"source","context","reserve"}                {}

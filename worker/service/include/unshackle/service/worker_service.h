@@ -8,6 +8,7 @@
 // the broadcasts.
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <string>
@@ -24,10 +25,14 @@ struct WorkerOptions {
   std::chrono::milliseconds heartbeat{1000};                // send period
   std::chrono::milliseconds coordinator_timeout{10000};     // silence that means the coordinator is gone
   std::chrono::milliseconds connect_timeout{30000};         // keep retrying the first connect this long
+  // When set and it turns true (a signal handler), rank 0 finishes the call in progress, stops
+  // the other ranks and returns kWorkerExitClosed within one heartbeat. Ranks > 0 ignore it:
+  // they stop when rank 0 tells them (or when rank 0 is gone, after the collective timeout).
+  const std::atomic<bool>* stop = nullptr;
 };
 
 // Exit codes of run_worker_rank (and of unshackle-worker).
-inline constexpr int kWorkerExitClosed = 0;       // the coordinator closed the link
+inline constexpr int kWorkerExitClosed = 0;       // the coordinator closed the link, or `stop`
 inline constexpr int kWorkerExitCoordinator = 3;  // coordinator unreachable, silent or rejected the group
 inline constexpr int kWorkerExitGroupBroken = 4;  // a collective failed: the group must be restarted whole
 
