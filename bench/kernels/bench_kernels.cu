@@ -217,6 +217,14 @@ int main(int argc, char** argv) {
                cuda::launch_top_k(tp, topk_ws, stream);
              }), dn * 12, 0);
       if (count != kTopK) std::printf("  (top-k returned %lld entries)\n", static_cast<long long>(count));
+      // Without out_count the op is queued only (ContextAttention's use): the device-side time.
+      TopKParams queued = tp;
+      queued.out_count = nullptr;
+      report("top-k 2048, queued", n, timer.median_ms(50, [&](int i) {
+               queued.values = values[i % copies];
+               queued.tokens = toks[i % copies];
+               cuda::launch_top_k(queued, topk_ws, stream);
+             }), dn * 12, 0);
       for (int c = 0; c < copies; ++c) {
         UNS_CUDA_CHECK(cudaFree(values[c]));
         UNS_CUDA_CHECK(cudaFree(toks[c]));

@@ -17,18 +17,27 @@ int multiprocessors() {
   return sms;
 }
 
-// Splits so that about `per_sm` CTAs land on every SM, none shorter than `min_rows`.
+// Splits so that at most `per_sm` CTAs land on every SM, none shorter than `min_rows`.
 int split_count(const AttendParams& p, int per_sm, int64_t min_rows) {
   const int64_t ctas = static_cast<int64_t>(p.l_C) * p.G;
   const int64_t max_splits = std::max<int64_t>(1, (p.n + min_rows - 1) / min_rows);
-  return static_cast<int>(std::clamp<int64_t>((per_sm * multiprocessors() + ctas - 1) / ctas, 1,
+  return static_cast<int>(std::clamp<int64_t>(per_sm * multiprocessors() / ctas, 1,
                                               std::min<int64_t>(max_splits, 4096)));
 }
 
 template <typename T, int D, int GH>
 void run_fast(const AttendParams& p, Workspace& workspace, cudaStream_t stream) {
   using S = attend::Shape<T, D, GH>;
-  const int splits = split_count(p, 8, 4 * S::kRowsPerStep);
+  // One full wave: as many CTAs as fit on the SMs at once (4 per SM at 128 registers). A
+  // second, partly filled wave of short CTAs costs another prologue/epilogue latency each;
+  // ESA's 6272 rows took 51 us on H200 with 2 waves (bench_kernels, 2026-12-02).
+  static const int resident = [] {
+    int blocks = 0;
+    UNS_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, attend::attend_rows_kernel<T, D, GH>,
+                                                                 attend::kThreads, 0));
+    return std::max(blocks, 1);
+  }();
+  const int splits = split_count(p, resident, 4 * S::kRowsPerStep);
   const int64_t rows_per_split = std::max<int64_t>(1, (p.n + splits - 1) / splits);
   const size_t rows = static_cast<size_t>(p.l_C) * p.H;
   attend::Outputs out{p.o, p.lse, 1};

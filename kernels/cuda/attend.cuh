@@ -84,6 +84,26 @@ __global__ void __launch_bounds__(kThreads, 4) attend_rows_kernel(AttendParams p
   const bool relative = p.positions == PositionScheme::kRelative;
   const int64_t query_position = relative ? query_token - p.origin : p.query_position;
 
+  const int64_t begin = split * rows_per_split;
+  const int64_t end = min(static_cast<int64_t>(p.n), begin + rows_per_split);
+  const auto* keys = static_cast<const uint4*>(p.k);
+  const auto* values = static_cast<const uint4*>(p.v);
+  // Row r of a step starting at `first`: first + r * W + worker (consecutive workers, consecutive rows).
+  const auto load = [&](int64_t first, uint4 (&raw_k)[R], uint4 (&raw_v)[R], int64_t (&row)[R]) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const int64_t i = first + r * W + worker;
+      row[r] = i < end ? (p.rows ? static_cast<int64_t>(p.rows[i]) : i) : -1;
+      const int64_t at = (row[r] * p.G + g) * (D / E) + lane;
+      raw_k[r] = row[r] >= 0 ? __ldcs(keys + at) : make_uint4(0, 0, 0, 0);
+      raw_v[r] = row[r] >= 0 ? __ldcs(values + at) : make_uint4(0, 0, 0, 0);
+    }
+  };
+  // The first rows are requested before the query rotation below, which then hides their latency.
+  uint4 raw_k[R], raw_v[R];
+  int64_t row[R];
+  load(begin, raw_k, raw_v, row);
+
   // The group's rotated queries in shared memory (registers go to the in-flight rows).
   __shared__ __align__(16) float query[GH][D];
   float acc[GH][E], m[GH], l[GH];
@@ -106,24 +126,6 @@ __global__ void __launch_bounds__(kThreads, 4) attend_rows_kernel(AttendParams p
   }
   __syncthreads();
 
-  const int64_t begin = split * rows_per_split;
-  const int64_t end = min(static_cast<int64_t>(p.n), begin + rows_per_split);
-  const auto* keys = static_cast<const uint4*>(p.k);
-  const auto* values = static_cast<const uint4*>(p.v);
-  // Row r of a step starting at `first`: first + r * W + worker (consecutive workers, consecutive rows).
-  const auto load = [&](int64_t first, uint4 (&raw_k)[R], uint4 (&raw_v)[R], int64_t (&row)[R]) {
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-      const int64_t i = first + r * W + worker;
-      row[r] = i < end ? (p.rows ? static_cast<int64_t>(p.rows[i]) : i) : -1;
-      const int64_t at = (row[r] * p.G + g) * (D / E) + lane;
-      raw_k[r] = row[r] >= 0 ? __ldcs(keys + at) : make_uint4(0, 0, 0, 0);
-      raw_v[r] = row[r] >= 0 ? __ldcs(values + at) : make_uint4(0, 0, 0, 0);
-    }
-  };
-  uint4 raw_k[R], raw_v[R];
-  int64_t row[R];
-  load(begin, raw_k, raw_v, row);
   for (int64_t first = begin; first < end; first += S::kRowsPerStep) {
     uint4 next_k[R], next_v[R];
     int64_t next_row[R];
