@@ -38,7 +38,7 @@ struct ContextAttentionOptions {
   int64_t reserve_tokens = 0;              // allocate the shard for this many tokens up front
   // Optional: sees each layer step's q [l_C, H, d] and k [l_C, G, d] (pre-RoPE, backend
   // memory) before attention; `first` is the chunk's first token. `unshackle calibrate` uses it.
-  std::function<void(int layer, const float* q, const float* k, int64_t l_C, int64_t first)> observer;
+  std::function<void(int layer, const float* q, const float* k, int64_t l_C, int64_t first)> observer = {};
 };
 
 // What one layer step did, for tests, the case tool and metrics.
