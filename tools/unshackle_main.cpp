@@ -5,6 +5,10 @@
 #include <cstdio>
 
 #include "attn_command.h"
+#include "calibrate_command.h"
+#if UNS_HAVE_CLIENT_COMMANDS
+#include "client_commands.h"
+#endif
 #include "model_commands.h"
 #include "unshackle/common/check.h"
 
@@ -13,6 +17,10 @@ int main(int argc, char** argv) {
   app.require_subcommand(1);
   unshackle::add_attn_commands(app);
   unshackle::add_model_commands(app);
+  unshackle::add_calibrate_command(app);
+#if UNS_HAVE_CLIENT_COMMANDS
+  unshackle::add_client_commands(app);
+#endif
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
