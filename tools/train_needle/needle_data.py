@@ -128,8 +128,16 @@ if __name__ == "__main__":
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--len", type=int, default=512)
     ap.add_argument("--count", type=int, default=2)
+    ap.add_argument("--write-docs", metavar="FILE", help="write --count documents (prompt + answer), one after another")
     args = ap.parse_args()
     rng = random.Random(args.seed)
+    if args.write_docs:
+        with open(args.write_docs, "w") as f:
+            for _ in range(args.count):
+                n = rng.choice([1, 2, 3, 4])
+                prompt, answer, _, _ = make_document(rng, args.len - 2, n, rng.randint(1, min(n, 3)))
+                f.write(prompt + answer + "\n\n")
+        raise SystemExit(0)
     for _ in range(args.count):
         tokens, mask = training_example(rng, args.len)
         text = bytes(t for t in tokens if t < 256).decode()
