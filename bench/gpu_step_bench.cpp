@@ -14,6 +14,11 @@
 //   mpirun -np P bench_gpu_step prefill N [layers]
 //     Prefill of N tokens in 512-token chunks through `layers` (default 1) layers, ESA; the
 //     32-layer figure is 32 / layers times it (layers are independent and identical in cost).
+//   mpirun -np P bench_gpu_step breakdown N
+//     Where an ESA decode layer step's wall time goes: ContextAttention runs on a decorator of
+//     the CUDA backend that times every backend call on the host, once as is (the time the host
+//     spends inside each call: blocking copies and synchronisations show up) and once with a
+//     stream synchronisation after every call (each op's own launch-to-finish time).
 //   mpirun -np P bench_gpu_step capacity [weights_GB]
 //     The longest ESA context whose 32 layers of KV, k' and token tables fit next to
 //     `weights_GB` (default 16) of allocated model weights: estimated from the shard's bytes
@@ -28,6 +33,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -77,6 +83,74 @@ ContextAttentionOptions options_for(AttentionMode mode, int layers, int64_t rese
   return {.attention = cfg, .layers = layers, .H = kH, .G = kG, .d = kD, .kv_dtype = DType::kBF16, .kv_block = 256,
           .inv_freq = rope_inv_freq(kD, 500000.0), .compression = &weights, .reserve_tokens = reserve};
 }
+
+// Forwards every call to `inner`, adding the host time spent in it (and, with `sync_each`, in a
+// stream synchronisation after it) to a per-operation total.
+class TimingBackend final : public Backend {
+ public:
+  struct Total {
+    double seconds = 0;
+    int64_t calls = 0;
+  };
+  TimingBackend(Backend& inner, bool sync_each) : inner_(inner), sync_each_(sync_each) {}
+  std::map<std::string, Total> totals;
+
+  std::string name() const override { return inner_.name(); }
+  MemorySpace memory_space() const override { return inner_.memory_space(); }
+  bool supports(Op op, DType dtype, int dim) const override { return inner_.supports(op, dtype, dim); }
+  void* allocate(size_t bytes) override { return timed("allocate", [&] { return inner_.allocate(bytes); }); }
+  void deallocate(void* ptr) override { timed("deallocate", [&] { inner_.deallocate(ptr); }); }
+  void copy_to_backend(void* dst, const void* src, size_t bytes) override {
+    timed("copy_to_backend", [&] { inner_.copy_to_backend(dst, src, bytes); });
+  }
+  void copy_to_host(void* dst, const void* src, size_t bytes) override {
+    timed("copy_to_host", [&] { inner_.copy_to_host(dst, src, bytes); });
+  }
+  void copy_within(void* dst, const void* src, size_t bytes) override {
+    timed("copy_within", [&] { inner_.copy_within(dst, src, bytes); });
+  }
+  void synchronize() override { timed("synchronize", [&] { inner_.synchronize(); }); }
+  void convert(const void* src, DType s, void* dst, DType d, size_t count) override {
+    timed("convert", [&] { inner_.convert(src, s, dst, d, count); });
+  }
+  void compress_query(const CompressQueryParams& p) override { timed("compress_query", [&] { inner_.compress_query(p); }); }
+  void compress_keys(const CompressKeysParams& p) override { timed("compress_keys", [&] { inner_.compress_keys(p); }); }
+  void score_query_max(const ScoreParams& p) override { timed("score_query_max", [&] { inner_.score_query_max(p); }); }
+  void score_chunk(const ScoreParams& p) override { timed("score_chunk", [&] { inner_.score_chunk(p); }); }
+  void proximity(const ProximityParams& p) override { timed("proximity", [&] { inner_.proximity(p); }); }
+  void top_k(const TopKParams& p) override { timed("top_k", [&] { inner_.top_k(p); }); }
+  void attend(const AttendParams& p) override {
+    timed(p.rows ? "attend (rows list)" : "attend (contiguous)", [&] { inner_.attend(p); });
+  }
+  void merge(const MergeParams& p) override { timed("merge", [&] { inner_.merge(p); }); }
+  void lag_reference_extrema(const LagExtremaParams& p) override {
+    timed("lag_reference_extrema", [&] { inner_.lag_reference_extrema(p); });
+  }
+  void lag_token_std(const LagStdParams& p) override { timed("lag_token_std", [&] { inner_.lag_token_std(p); }); }
+  void lag_partition_scores(const LagScoreParams& p) override {
+    timed("lag_partition_scores", [&] { inner_.lag_partition_scores(p); });
+  }
+
+ private:
+  template <typename F>
+  auto timed(const char* what, F&& call) -> decltype(call()) {
+    const auto start = Clock::now();
+    struct Finish {  // runs after `call` returned (also for void calls)
+      TimingBackend& self;
+      const char* what;
+      Clock::time_point start;
+      ~Finish() {
+        if (self.sync_each_) self.inner_.synchronize();
+        Total& t = self.totals[what];
+        t.seconds += seconds_since(start);
+        ++t.calls;
+      }
+    } finish{*this, what, start};
+    return call();
+  }
+  Backend& inner_;
+  bool sync_each_;
+};
 
 // Scratch inputs in device memory: k, v of `rows` tokens and q, o of `q_rows` (float32, as the
 // model passes them; loading needs no q).
@@ -195,6 +269,45 @@ void run_prefill(int64_t tokens, int layers, Backend& backend, Communicator& com
   std::fflush(stdout);
 }
 
+void run_breakdown(int64_t tokens, Backend& backend, Communicator& comm, curandGenerator_t gen) {
+  const CompressionWeights weights = random_weights(1);
+  const bool root = comm.rank() == 0;
+  for (const bool sync_each : {false, true}) {
+    TimingBackend timing(backend, sync_each);
+    ContextAttention attention(timing, comm, options_for(AttentionMode::kEsa, 1, tokens + 64, weights));
+    load_context(attention, timing, gen, tokens);
+    Inputs in(timing, 1, 1);
+    in.fill(gen, 7, 1);
+    const auto step = [&] {
+      attention.forward(0, in.q.as<float>(), in.k.as<float>(), in.v.as<float>(), 1, in.o.as<float>());
+      attention.commit_chunk(1);
+    };
+    for (int i = 0; i < 3; ++i) step();  // warm-up
+    timing.synchronize();
+    timing.totals.clear();
+    constexpr int kSteps = 20;
+    comm.barrier();
+    const auto start = Clock::now();
+    for (int i = 0; i < kSteps; ++i) step();
+    timing.synchronize();
+    const double step_us = seconds_since(start) * 1e6 / kSteps;
+    if (!root) continue;
+    std::printf("breakdown: ESA decode layer step at %lld tokens, %d rank(s), %s: %.1f us per step (mean of %d)\n",
+                static_cast<long long>(tokens), comm.size(),
+                sync_each ? "a stream synchronisation after every backend call" : "backend calls as they are", step_us,
+                kSteps);
+    double inside = 0;
+    for (const auto& [what, t] : timing.totals) {
+      std::printf("  %-22s %6.2f calls/step %9.1f us/step\n", what.c_str(), static_cast<double>(t.calls) / kSteps,
+                  t.seconds * 1e6 / kSteps);
+      inside += t.seconds;
+    }
+    std::printf("  %-22s %25.1f us/step (host code between backend calls)\n", "outside backend calls",
+                step_us - inside * 1e6 / kSteps);
+    std::fflush(stdout);
+  }
+}
+
 void run_capacity(double weights_gb, Backend& backend, Communicator& comm, curandGenerator_t gen) {
   const CompressionWeights weights = random_weights(kLayers);
   const bool root = comm.rank() == 0;
@@ -262,10 +375,12 @@ int main(int argc, char** argv) {
     run_decode(argc > 2 ? std::atoll(argv[2]) : 1048576, argc > 3 ? std::atoi(argv[3]) : 8, *backend, *comm, gen);
   } else if (what == "prefill") {
     run_prefill(argc > 2 ? std::atoll(argv[2]) : 131072, argc > 3 ? std::atoi(argv[3]) : 1, *backend, *comm, gen);
+  } else if (what == "breakdown") {
+    run_breakdown(argc > 2 ? std::atoll(argv[2]) : 1048576, *backend, *comm, gen);
   } else if (what == "capacity") {
     run_capacity(argc > 2 ? std::atof(argv[2]) : 16.0, *backend, *comm, gen);
   } else {
-    std::fprintf(stderr, "usage: bench_gpu_step decode N [distinct_layers] | prefill N [layers] | capacity [weights_GB]\n");
+    std::fprintf(stderr, "usage: bench_gpu_step decode N [distinct_layers] | prefill N [layers] | breakdown N | capacity [weights_GB]\n");
     return 2;
   }
   curandDestroyGenerator(gen);

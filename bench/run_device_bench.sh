@@ -3,7 +3,7 @@
 # root with the binaries that bench/build_device_bench.sh put in .device-build/kernels/.
 # Every section has its own time limit, so one hang cannot eat the call; logs go to $OUT.
 #   bench/run_device_bench.sh [sections]     sections: any of
-#     tests step kernels decode sdpa capacity prefill sdpa_prefill sanitize     (default: all, in this order)
+#     tests step kernels decode breakdown sdpa capacity prefill sdpa_prefill sanitize     (default: all, in this order)
 # P ranks for the MPI sections: RANKS (default: the number of GPUs).
 set -uo pipefail
 bin=.device-build/kernels
@@ -13,7 +13,7 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 gpus=$(nvidia-smi -L | wc -l)
 ranks=${RANKS:-$gpus}
-sections=${*:-tests step kernels decode sdpa capacity prefill sdpa_prefill sanitize}
+sections=${*:-tests step kernels decode breakdown sdpa capacity prefill sdpa_prefill sanitize}
 mpi=(mpirun --allow-run-as-root -np "$ranks" -x NCCL_NVLS_ENABLE)  # an array: `timeout` runs no shell functions
 section() { echo; echo "== $1 ($(date -u +%H:%M:%S))"; }
 want() { [[ " $sections " == *" $1 "* ]]; }
@@ -36,6 +36,10 @@ fi
 if want decode; then
   section "32-layer decode step at 1M tokens: ESA vs full (ours), then SDPA on the same shape"
   timeout 150 "${mpi[@]}" "$bin/bench_gpu_step" decode 1048576 8 2>&1 | tee -a "$out/bench.txt"
+fi
+if want breakdown; then
+  section "where an ESA decode layer step's time goes (host time per backend call, 1M tokens)"
+  timeout 120 "${mpi[@]}" "$bin/bench_gpu_step" breakdown 1048576 2>&1 | tee -a "$out/bench.txt"
 fi
 if want sdpa; then
   timeout 90 python3 bench/sdpa_bench.py decode 1048576 8 2>&1 | tee -a "$out/bench.txt"
