@@ -1,0 +1,97 @@
+// ModelEngine: the Engine a worker group serves (worker/include/unshackle/worker/engine.h)
+// over the model runtime (worker/model): one Model per process, one ContextAttention per
+// context, sampling with sample_token, the checkpoint's tokenizer.
+//
+//   unshackle-worker rank r ─► ModelEngine ─► Model::forward_chunk ─► ContextAttention
+//     ─► (KV shard of rank r, collectives over the group's Communicator)
+//
+// Hidden states are replicated on every rank; only attention is sharded (SPEC §7), so every
+// rank computes the same logits and samples the same token.
+//
+// Capacity: every context reserves its most tokens up front (create/fork); the reservations of
+// all contexts together stay within kv_capacity_tokens, one context within max_context_tokens.
+// Past either is Error(kCapacity) and nothing changes.
+//
+// fork_context recomputes the KV of the source's tokens into the new context: it replays the
+// source's history with the same chunk boundaries (selection modes select per chunk, so the
+// boundaries matter), which gives bit-identical KV and logits. It does not copy KV buffers,
+// because ContextAttention has no copy operation; a fork therefore costs a prefill of the
+// source (compute, not a transfer). A KV copy is the obvious next step.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "unshackle/cluster/communicator.h"
+#include "unshackle/kernels/backend.h"
+#include "unshackle/model/model.h"
+#include "unshackle/model/tokenizer.h"
+#include "unshackle/worker/engine.h"
+
+namespace unshackle {
+
+struct ModelEngineOptions {
+  std::string model_dir;
+  std::string name;                 // served model name; "" = the directory's last component
+  int64_t max_context_tokens = 0;   // 0: the model's max_position_embeddings
+  int64_t kv_capacity_tokens = 0;   // 0: 4 x max_context_tokens
+  int64_t kv_block = 256;           // SPEC §7 placement block across ranks
+  int64_t chunk = 512;              // longest forward pass inside one prefill call or a fork replay
+  std::string compression;          // ESA compression weights (needed by esa and block contexts)
+  std::string backend = "cpu";      // only "cpu": Model::forward_chunk runs on host memory
+};
+
+class ModelEngine final : public Engine {
+ public:
+  // Loads the checkpoint and tokenizer; errors name the file or the option. comm must outlive
+  // the engine; every rank of the group constructs its engine with the same options.
+  ModelEngine(const ModelEngineOptions& options, Communicator& comm);
+  ~ModelEngine() override;
+
+  ModelInfo info() const override { return info_; }
+  std::vector<int32_t> tokenize(std::string_view text) override;
+  std::string detokenize(std::span<const int32_t> tokens) override;
+  void create_context(ContextId id, const AttentionConfig& attention, int64_t reserve_tokens) override;
+  void fork_context(ContextId source, ContextId id, int64_t reserve_tokens) override;
+  StepStats prefill(ContextId id, std::span<const int32_t> tokens) override;
+  DecodeResult decode(ContextId id, const SamplingParams& sampling) override;
+  void release_context(ContextId id) override;
+  void health_step() override;
+  EngineUsage usage() const override;
+
+  const Model& model() const { return *model_; }
+  int64_t reserved_tokens() const { return reserved_; }
+
+ private:
+  struct Context {
+    AttentionConfig attention;
+    int64_t reserve = 0;
+    std::unique_ptr<ContextAttention> kv;
+    std::vector<int32_t> tokens;  // every token in the context, in order (fork replays them)
+    std::vector<int64_t> chunks;  // lengths of the forward passes that appended them
+    std::vector<float> logits;    // [vocab] of the last token; empty before the first prefill
+    bool broken = false;          // a step failed half-way: only release is allowed
+  };
+
+  Context& find(ContextId id);
+  std::unique_ptr<Context> make_context(const AttentionConfig& attention, int64_t reserve_tokens);
+  void check_room(ContextId id, int64_t reserve_tokens) const;
+  // forward_chunk over `tokens` in pieces of at most options_.chunk, summing the step stats.
+  StepStats run_tokens(Context& context, std::span<const int32_t> tokens);
+
+  ModelEngineOptions options_;
+  Communicator& comm_;
+  std::shared_ptr<const Model> model_;
+  std::unique_ptr<Tokenizer> tokenizer_;
+  std::unique_ptr<Backend> backend_;
+  CompressionWeights compression_;
+  bool have_compression_ = false;
+  ModelInfo info_;
+  std::map<ContextId, std::unique_ptr<Context>> contexts_;
+  int64_t reserved_ = 0;  // sum of the contexts' reservations
+};
+
+}  // namespace unshackle
