@@ -3,7 +3,9 @@
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
+#include <algorithm>
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <mutex>
 #include <nlohmann/json.hpp>
@@ -12,6 +14,10 @@
 #include "unshackle/cluster/communicator.h"
 #include "unshackle/common/check.h"
 #include "unshackle/common/safetensors.h"
+#include "unshackle/model/cuda_model.h"
+#if UNS_HAVE_MPI
+#include "unshackle/cluster/mpi_communicator.h"
+#endif
 
 namespace unshackle {
 namespace {
@@ -61,6 +67,7 @@ GenerateCommandResult run_generate_command(const GenerateCommandOptions& o) {
   const int sources = !o.prompt.empty() + !o.prompt_file.empty() + !o.prompt_ids.empty();
   UNS_CHECK(sources == 1, "give exactly one of --prompt, --prompt-file and --prompt-ids");
   UNS_CHECK(o.ranks >= 1, "--ranks: must be >= 1 (got {})", o.ranks);
+  UNS_CHECK(o.backend == "cpu" || o.backend == "cuda", "--backend: cpu or cuda (got '{}')", o.backend);
   if (o.attention.needs_compression() && o.compression.empty()) {
     fail(ErrorKind::kInvalidArgument,
          fmt::format("--mode {} scores with compressed queries and keys and needs --compression FILE (SPEC §6: "
@@ -95,14 +102,48 @@ GenerateCommandResult run_generate_command(const GenerateCommandOptions& o) {
       o.attention, o.compression.empty() ? nullptr : &compression,
       static_cast<int64_t>(out.prompt.size()) + gen.max_tokens);
 
-  std::vector<GenerateResult> results(static_cast<size_t>(o.ranks));
-  run_local_ranks(o.ranks, [&](int rank, Communicator& comm) {
+  ContextAttentionOptions options = attention_options;
+  options.kv_block = o.kv_block;
+  // One rank: its backend, its context; on the GPU its own copy of the weights on device
+  // `device_index` % devices (hidden states are replicated, SPEC §7).
+  const auto run_rank = [&](Communicator& comm, int device_index) {
+    if (o.backend == "cuda") {
+      const int devices = CudaModel::device_count();
+      const int device = devices > 0 ? device_index % devices : 0;
+      CudaModel cuda_model(model, device, CudaModel::default_weight_dtype(config));
+      auto backend = make_cuda_backend(device);
+      UNS_CHECK_KIND(kUnsupported, backend->supports(Op::kAttend, options.kv_dtype, config.head_dim),
+                     "--backend cuda: the CUDA attention kernels do not take head dim {} (model '{}'); use --backend cpu",
+                     config.head_dim, o.model_dir);
+      ContextAttention context(*backend, comm, options);
+      return generate(cuda_model, context, tokenizer.get(), out.prompt, gen);
+    }
     auto backend = make_cpu_backend();
-    ContextAttentionOptions options = attention_options;
-    options.kv_block = o.kv_block;
     ContextAttention context(*backend, comm, options);
-    results[static_cast<size_t>(rank)] = generate(*model, context, tokenizer.get(), out.prompt, gen);
-  });
+    return generate(*model, context, tokenizer.get(), out.prompt, gen);
+  };
+#if UNS_HAVE_MPI
+  if (MpiSession::launched_by_mpirun()) {
+    MpiSession session(nullptr, nullptr);
+    auto comm = make_mpi_communicator();
+    const char* local = std::getenv("OMPI_COMM_WORLD_LOCAL_RANK");
+    out.result = run_rank(*comm, local ? std::atoi(local) : comm->rank());
+    out.root = comm->rank() == 0;
+    // Every rank must have generated the same tokens: gather them (padded with -1) and compare.
+    const size_t width = static_cast<size_t>(gen.max_tokens) + 1;
+    std::vector<int32_t> mine(width, -1), all(width * static_cast<size_t>(comm->size()));
+    std::copy(out.result.tokens.begin(), out.result.tokens.end(), mine.begin());
+    comm->all_gather(mine.data(), all.data(), width * sizeof(int32_t));
+    for (int r = 1; r < comm->size(); ++r) {
+      UNS_CHECK_KIND(kInternal, std::equal(all.begin(), all.begin() + static_cast<std::ptrdiff_t>(width),
+                                           all.begin() + static_cast<std::ptrdiff_t>(width) * r),
+                     "mpirun: rank {} generated other tokens than rank 0", r);
+    }
+    return out;
+  }
+#endif
+  std::vector<GenerateResult> results(static_cast<size_t>(o.ranks));
+  run_local_ranks(o.ranks, [&](int rank, Communicator& comm) { results[static_cast<size_t>(rank)] = run_rank(comm, rank); });
   for (int r = 1; r < o.ranks; ++r) {
     UNS_CHECK_KIND(kInternal, results[static_cast<size_t>(r)].tokens == results[0].tokens,
                    "rank {} generated [{}], rank 0 [{}]", r, fmt::join(results[static_cast<size_t>(r)].tokens, ","),
@@ -142,12 +183,14 @@ void add_model_commands(CLI::App& app) {
   gen->add_option("--chunk", g->generate.chunk, "prefill chunk length");
   gen->add_option("--ranks", g->ranks, "in-process ranks (attention sharded, hidden states replicated)");
   gen->add_option("--kv-block", g->kv_block, "tokens per KV placement block across ranks");
+  gen->add_option("--backend", g->backend, "cpu or cuda (weights on the GPU, cuBLAS, CUDA attention kernels)");
   gen->add_flag("--json", g->json, "print {prompt_tokens, tokens, text, finish_reason} as JSON");
   gen->add_option("--logits-out", g->logits_out, "write prompt and step logits to this safetensors file");
   gen->callback([g, mode] {
     g->attention.mode = parse_mode(*mode);
     g->generate.record_logits = !g->logits_out.empty();
     const GenerateCommandResult r = run_generate_command(*g);
+    if (!r.root) return;
     if (!g->logits_out.empty()) write_logits(g->logits_out, ModelConfig::load(g->model_dir), r);
     if (g->json) {
       const nlohmann::json j = {{"prompt_tokens", r.prompt},

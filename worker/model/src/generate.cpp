@@ -89,14 +89,42 @@ std::string_view finish_reason_name(FinishReason reason) {
 GenerateResult generate(const Model& model, ContextAttention& context, const Tokenizer* tokenizer,
                         std::span<const int32_t> prompt, const GenerateOptions& options,
                         const std::function<void(int32_t)>& on_token) {
+  const ForwardChunkFn forward = [&](std::span<const int32_t> tokens, std::vector<float>& logits, bool all) {
+    model.forward_chunk(context, tokens, logits, all);
+  };
+  return generate(forward, model.config().vocab, context, tokenizer, prompt, options, on_token);
+}
+
+GenerateResult generate(CudaModel& model, ContextAttention& context, const Tokenizer* tokenizer,
+                        std::span<const int32_t> prompt, const GenerateOptions& options,
+                        const std::function<void(int32_t)>& on_token) {
+  const ForwardChunkFn forward = [&](std::span<const int32_t> tokens, std::vector<float>& logits, bool all) {
+    model.forward_chunk(context, tokens, logits, all);
+  };
+  return generate(forward, model.config().vocab, context, tokenizer, prompt, options, on_token);
+}
+
+GenerateResult generate(const ForwardChunkFn& forward, int64_t vocab, ContextAttention& context,
+                        const Tokenizer* tokenizer, std::span<const int32_t> prompt, const GenerateOptions& options,
+                        const std::function<void(int32_t)>& on_token) {
   options.sampling.validate();
   UNS_CHECK(options.max_tokens >= 0, "max_tokens: must be >= 0 (got {})", options.max_tokens);
+  UNS_CHECK(options.chunk > 0, "chunk: must be > 0 (got {})", options.chunk);
   UNS_CHECK(!prompt.empty(), "generate: the prompt has no tokens");
   UNS_CHECK(options.stop_strings.empty() || tokenizer != nullptr, "generate: stop strings need a tokenizer");
-  const auto V = static_cast<size_t>(model.config().vocab);
+  const auto V = static_cast<size_t>(vocab);
   GenerateResult result;
-  std::vector<float> logits;
-  model.prefill(context, prompt, options.chunk, logits, options.record_logits);
+  std::vector<float> logits, piece;
+  // Chunked prefill (Model::prefill's loop): all positions' logits only when recorded.
+  for (size_t begin = 0; begin < prompt.size(); begin += static_cast<size_t>(options.chunk)) {
+    const size_t count = std::min(static_cast<size_t>(options.chunk), prompt.size() - begin);
+    forward(prompt.subspan(begin, count), piece, options.record_logits);
+    if (options.record_logits) {
+      logits.insert(logits.end(), piece.begin(), piece.end());
+    } else {
+      logits.swap(piece);
+    }
+  }
   if (options.record_logits) {
     result.prompt_logits = logits;
     logits.erase(logits.begin(), logits.end() - static_cast<std::ptrdiff_t>(V));
@@ -125,7 +153,7 @@ GenerateResult generate(const Model& model, ContextAttention& context, const Tok
       }
     }
     if (static_cast<int64_t>(result.tokens.size()) == options.max_tokens) break;
-    model.forward_chunk(context, std::span<const int32_t>(&result.tokens.back(), 1), logits);
+    forward(std::span<const int32_t>(&result.tokens.back(), 1), logits, false);
   }
   if (tokenizer != nullptr) {
     result.text = tokenizer->decode(std::span<const int32_t>(result.tokens.data(), text_tokens));

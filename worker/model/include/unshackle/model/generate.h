@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "unshackle/model/cuda_model.h"
 #include "unshackle/model/model.h"
 #include "unshackle/model/tokenizer.h"
 
@@ -53,6 +54,17 @@ struct GenerateResult {
 // strings (text is then empty). on_token, when set, sees each generated id as it comes.
 GenerateResult generate(const Model& model, ContextAttention& context, const Tokenizer* tokenizer,
                         std::span<const int32_t> prompt, const GenerateOptions& options,
+                        const std::function<void(int32_t)>& on_token = {});
+// The same on the GPU: `context` runs on a CUDA backend of model.device().
+GenerateResult generate(CudaModel& model, ContextAttention& context, const Tokenizer* tokenizer,
+                        std::span<const int32_t> prompt, const GenerateOptions& options,
+                        const std::function<void(int32_t)>& on_token = {});
+
+// The loop itself, for any forward pass with Model::forward_chunk's contract:
+// forward(tokens, logits, all_positions) runs one chunk on `context` and commits it.
+using ForwardChunkFn = std::function<void(std::span<const int32_t>, std::vector<float>&, bool)>;
+GenerateResult generate(const ForwardChunkFn& forward, int64_t vocab, ContextAttention& context,
+                        const Tokenizer* tokenizer, std::span<const int32_t> prompt, const GenerateOptions& options,
                         const std::function<void(int32_t)>& on_token = {});
 
 }  // namespace unshackle

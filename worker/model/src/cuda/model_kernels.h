@@ -1,0 +1,80 @@
+// The model's element-wise CUDA kernels: one params struct per kernel (shapes in comments,
+// row-major), one launcher each. Launchers queue on `stream` and return the launch status
+// (cudaGetLastError); the caller checks it. Bodies are in model_kernels.cuh.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "unshackle/common/dtype.h"
+
+namespace unshackle::cuda_model {
+
+// out[t, :] = float(table[ids[t], :]). Ids are checked on the host before the launch.
+struct GatherParams {
+  const int32_t* ids = nullptr;  // [n]
+  const void* table = nullptr;   // [V, D], table_dtype (F32, BF16 or F16)
+  float* out = nullptr;          // [n, D]
+  int64_t n = 0, D = 0;
+  DType table_dtype = DType::kF32;
+};
+
+// Hugging Face LlamaRMSNorm: out[r, :] = weight * (x[r, :] * rsqrt(mean(x[r, :]^2) + eps)),
+// in float32, stored in out_dtype (the next GEMM's input type).
+struct RmsNormParams {
+  const float* x = nullptr;       // [n, D]
+  const float* weight = nullptr;  // [D]
+  void* out = nullptr;            // [n, D], out_dtype
+  int64_t n = 0, D = 0;
+  float eps = 1e-6f;
+  DType out_dtype = DType::kF32;
+};
+
+// The fused q|k|v projection's rows split into the three tensors ContextAttention takes,
+// with the Qwen2 biases added when given.
+struct SplitQkvParams {
+  const float* qkv = nullptr;  // [n, Wq + 2 Wkv]
+  const float* bq = nullptr;   // [Wq] or null
+  const float* bk = nullptr;   // [Wkv] or null
+  const float* bv = nullptr;   // [Wkv] or null
+  float* q = nullptr;          // [n, Wq]
+  float* k = nullptr;          // [n, Wkv]
+  float* v = nullptr;          // [n, Wkv]
+  int64_t n = 0, Wq = 0, Wkv = 0;
+};
+
+// y[r, c] += bias[c] (o_proj and down_proj biases of Llama with attention_bias / mlp_bias).
+struct BiasAddParams {
+  float* y = nullptr;             // [n, width]
+  const float* bias = nullptr;    // [width]
+  int64_t n = 0, width = 0;
+};
+
+// SwiGLU of the fused gate|up projection: out[r, i] = silu(g + bg) * (u + bu) with
+// g = gate_up[r, i], u = gate_up[r, I + i]; biases only with mlp_bias. Stored in out_dtype.
+struct SwigluParams {
+  const float* gate_up = nullptr;  // [n, 2I]
+  const float* b_gate = nullptr;   // [I] or null
+  const float* b_up = nullptr;     // [I] or null
+  void* out = nullptr;             // [n, I], out_dtype
+  int64_t n = 0, I = 0;
+  DType out_dtype = DType::kF32;
+};
+
+// out[i] = in[i] rounded to out_dtype (the attention output before the o_proj GEMM).
+struct CastParams {
+  const float* in = nullptr;  // [count]
+  void* out = nullptr;        // [count], out_dtype
+  int64_t count = 0;
+  DType out_dtype = DType::kBF16;
+};
+
+cudaError_t launch_gather(const GatherParams& p, cudaStream_t stream);
+cudaError_t launch_rms_norm(const RmsNormParams& p, cudaStream_t stream);
+cudaError_t launch_split_qkv(const SplitQkvParams& p, cudaStream_t stream);
+cudaError_t launch_bias_add(const BiasAddParams& p, cudaStream_t stream);
+cudaError_t launch_swiglu(const SwigluParams& p, cudaStream_t stream);
+cudaError_t launch_cast(const CastParams& p, cudaStream_t stream);
+
+}  // namespace unshackle::cuda_model
