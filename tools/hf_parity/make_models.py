@@ -30,7 +30,7 @@ LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "hi
 
 
 def cases():
-    small = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=3, num_attention_heads=8,
+    small = dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=3, num_attention_heads=8,
                  num_key_value_heads=2, vocab_size=1000, max_position_embeddings=4096)
     return {
         "llama2": LlamaConfig(**small, rope_theta=10000.0, rms_norm_eps=1e-6),
@@ -105,7 +105,7 @@ def main():
         config.architectures = [{"LlamaConfig": "LlamaForCausalLM", "MistralConfig": "MistralForCausalLM",
                                  "Qwen2Config": "Qwen2ForCausalLM"}[type(config).__name__]]
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32, attn_implementation="eager")
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager")
         init_weights(model, seed)
         model.eval()
         prompt = prompt_ids(config.vocab_size, args.prompt_len, 1000 + seed)
@@ -119,7 +119,7 @@ def main():
                 f.write(",".join(map(str, prompt)))
             refs = {"fp32": torch.float32} if dtype == "fp32" else {"bf16": torch.bfloat16, "bf16w": torch.float32}
             for ref, compute in refs.items():
-                m = AutoModelForCausalLM.from_pretrained(out, torch_dtype=compute, attn_implementation="eager")
+                m = AutoModelForCausalLM.from_pretrained(out, dtype=compute, attn_implementation="eager")
                 m.to(args.device).eval()
                 save_file(reference(m, prompt, args.steps, args.device),
                           os.path.join(out, f"reference_{ref}.safetensors"))
