@@ -88,6 +88,17 @@ def plan_cpu():
     return jobs
 
 
+def plan_gpu():
+    """One H200 through --backend cuda: ESA from 64x to 2048x the training length."""
+    jobs = []
+    for length in (32768, 131072, 1048576):
+        jobs.append((length, 1, 1, [0.5], 101, "esa", 1))
+    jobs.append((131072, 1, 1, [0.5], 101, "streaming", 1))
+    jobs.append((1048576, 1, 1, [0.2], 100, "esa", 1))
+    jobs.append((1048576, 3, 2, None, 200, "esa", 1))
+    return jobs
+
+
 def document(length, needles, asked, depths, seed):
     rng = random.Random(seed * 1_000_003 + length * 31 + needles)
     prompt, _, keys, codes = nd.make_document(rng, length - 2, needles, asked, depths)
@@ -104,7 +115,8 @@ def main():
     ap.add_argument("--unshackle", required=True)
     ap.add_argument("--model", default=os.path.join(ROOT, "models", "needle-llama"))
     ap.add_argument("--results", required=True)
-    ap.add_argument("--plan", default="cpu", choices=["cpu"])
+    ap.add_argument("--plan", default="cpu", choices=["cpu", "gpu"])
+    ap.add_argument("--timeout", type=float, default=0, help="seconds per trial (0: none)")
     ap.add_argument("--max-jobs", type=int, default=0, help="stop after this many new trials (0: all)")
     ap.add_argument("--extra", default="", help="more generate arguments for every trial (e.g. '--backend cuda')")
     args = ap.parse_args()
@@ -113,7 +125,7 @@ def main():
     if os.path.exists(args.results):
         with open(args.results) as f:
             done = {json.loads(line)["key"] for line in f if line.strip()}
-    jobs = [j for j in plan_cpu() if key_of(j) not in done]
+    jobs = [j for j in (plan_cpu() if args.plan == "cpu" else plan_gpu()) if key_of(j) not in done]
     print(f"{len(jobs)} trials to run ({len(done)} already in {args.results})", flush=True)
     os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
     ran = 0
@@ -128,7 +140,10 @@ def main():
         cmd = [args.unshackle, "generate", "--model", args.model, "--prompt-file", path, "--max-tokens", "16",
                "--json", "--ranks", str(ranks), *mode_args(mode), *args.extra.split()]
         t0 = time.time()
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout or None)
+        except subprocess.TimeoutExpired:
+            proc = subprocess.CompletedProcess(cmd, -1, "", f"timed out after {args.timeout:.0f} s")
         seconds = time.time() - t0
         os.unlink(path)
         if proc.returncode != 0:
