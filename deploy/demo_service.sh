@@ -106,9 +106,9 @@ fi
 # them the demo selects the top-k middle tokens by exact scores (same I, L and k).
 if [ -f "$model/compression.safetensors" ]; then
   worker_flags+=(--compression "$model/compression.safetensors")
-  attention='{"mode":"esa","top_k":256,"l_I":32,"l_L":256}'
+  attention='{"mode":"esa","top_k":64,"l_I":32,"l_L":256}'
 else
-  attention='{"mode":"exact-topk","top_k":256,"l_I":32,"l_L":256}'
+  attention='{"mode":"exact-topk","top_k":64,"l_I":32,"l_L":256}'
 fi
 
 api_key=$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')

@@ -18,6 +18,7 @@
 #include <stdexcept>
 
 #include "unshackle/common/check.h"
+#include "unshackle/common/sd_notify.h"
 #include "unshackle/engine/model_engine.h"
 #include "unshackle/service/worker_service.h"
 #include "unshackle/service/wire.h"
@@ -137,6 +138,16 @@ int main(int argc, char** argv) {
                    static_cast<long long>(info.vocab_size), static_cast<long long>(info.max_context_tokens),
                    static_cast<long long>(info.kv_capacity_tokens));
     }
+    // systemd (Type=notify, deploy/systemd): READY=1 from rank 0 once every rank has loaded the
+    // model. Loads may finish minutes apart, so this one barrier waits longer than a collective.
+    if (comm->size() > 1) {
+      comm->set_timeout(std::chrono::minutes(30));
+      comm->barrier();
+      comm->set_timeout(std::chrono::milliseconds(static_cast<int64_t>(collective_timeout_s * 1000)));
+    }
+    if (rank == 0)
+      notify_ready(fmt::format("group '{}': {} rank(s) joined, model loaded; serving {}", worker_options.group,
+                               comm->size(), coordinator));
     const int code = run_worker_rank(*engine, comm->size() > 1 ? comm.get() : nullptr, worker_options);
     if (rank == 0) std::fprintf(stderr, "unshackle-worker: exiting with code %d\n", code);
     if (code == kWorkerExitGroupBroken) {

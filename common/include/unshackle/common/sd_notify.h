@@ -1,7 +1,7 @@
 // systemd readiness for Type=notify units (deploy/systemd): the coordinator says READY=1 once
-// it listens, a worker group's rank 0 once every rank has joined and the coordinator welcomed
-// the group. Each call is a no-op returning false when the process was not started by systemd
-// ($NOTIFY_SOCKET unset) or the build has no libsystemd, so callers never need to care.
+// it listens, a worker group's rank 0 once every rank has joined and loaded the model. Each
+// call is a no-op returning false when the process was not started by systemd ($NOTIFY_SOCKET
+// unset) or libsystemd.so.0 is missing, so callers never need to care.
 #pragma once
 
 #include <string>
