@@ -6,7 +6,7 @@
 //                      argmax) / decode
 // Each repeat uses a fresh context; one warm-up repeat is not reported (cuBLAS heuristics,
 // first-touch allocation). Prints one line per repeat and a JSON summary with medians.
-//   bench_model --model DIR [--backend cpu|cuda] [--prompt 512] [--chunk 512] [--decode 32]
+//   bench_model --model DIR [--backend cpu|cuda] [--prompt 512 [2048 ...]] [--chunk 512] [--decode 32]
 //               [--repeats 3] [--mode full]
 #include <CLI/CLI.hpp>
 #include <fmt/format.h>
@@ -28,7 +28,8 @@ using Clock = std::chrono::steady_clock;
 
 struct Options {
   std::string model_dir, backend = "cpu", mode = "full";
-  int64_t prompt = 512, chunk = 512, decode = 32;
+  std::vector<int64_t> prompts = {512};  // one measurement per prompt length, one model load
+  int64_t chunk = 512, decode = 32;
   int repeats = 3;
 };
 
@@ -40,6 +41,8 @@ double median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
   return v.size() % 2 ? v[v.size() / 2] : 0.5 * (v[v.size() / 2 - 1] + v[v.size() / 2]);
 }
+
+void measure(const Options& o, const std::shared_ptr<const Model>& model, CudaModel* cuda, int64_t prompt_len);
 
 int run(const Options& o) {
   const auto load_start = Clock::now();
@@ -58,8 +61,14 @@ int run(const Options& o) {
   std::printf("model %s: %s, %d layers, hidden %d, heads %d/%d, vocab %lld, dtype %s; load %.1f s, upload %.1f s\n",
               o.model_dir.c_str(), std::string(arch_name(c.arch)).c_str(), c.layers, c.hidden, c.heads, c.kv_heads,
               static_cast<long long>(c.vocab), c.torch_dtype.c_str(), load_s, upload_s);
+  for (int64_t prompt_len : o.prompts) measure(o, model, cuda.get(), prompt_len);
+  return 0;
+}
+
+void measure(const Options& o, const std::shared_ptr<const Model>& model, CudaModel* cuda, int64_t prompt_len) {
+  const ModelConfig& c = model->config();
   // A seeded prompt of in-vocabulary ids.
-  std::vector<int32_t> prompt(static_cast<size_t>(o.prompt));
+  std::vector<int32_t> prompt(static_cast<size_t>(prompt_len));
   uint64_t s = 12345;
   for (auto& t : prompt) {
     s = s * 6364136223846793005ull + 1442695040888963407ull;
@@ -72,7 +81,7 @@ int run(const Options& o) {
   for (int rep = 0; rep <= o.repeats; ++rep) {
     run_local_ranks(1, [&](int, Communicator& comm) {
       auto backend = cuda ? make_cuda_backend(0) : make_cpu_backend();
-      ContextAttention context(*backend, comm, model->attention_options(attention, nullptr, o.prompt + o.decode));
+      ContextAttention context(*backend, comm, model->attention_options(attention, nullptr, prompt_len + o.decode));
       std::vector<float> logits;
       auto t0 = Clock::now();
       if (cuda) {
@@ -95,8 +104,8 @@ int run(const Options& o) {
       const double d = std::chrono::duration<double>(Clock::now() - t0).count();
       std::printf("%s repeat %d: prefill %lld tokens in %.4f s = %.1f tokens/s; decode %lld tokens in %.4f s = %.3f "
                   "ms/token\n",
-                  rep == 0 ? "warm-up" : "timed", rep, static_cast<long long>(o.prompt), p,
-                  static_cast<double>(o.prompt) / p, static_cast<long long>(o.decode), d, d * 1e3 / static_cast<double>(o.decode));
+                  rep == 0 ? "warm-up" : "timed", rep, static_cast<long long>(prompt_len), p,
+                  static_cast<double>(prompt_len) / p, static_cast<long long>(o.decode), d, d * 1e3 / static_cast<double>(o.decode));
       if (rep == 0) {
         first_tokens = tokens;
         return;
@@ -110,14 +119,13 @@ int run(const Options& o) {
   const nlohmann::json j = {
       {"backend", o.backend},  {"model", o.model_dir},      {"layers", c.layers},
       {"hidden", c.hidden},    {"vocab", c.vocab},          {"dtype", c.torch_dtype},
-      {"mode", o.mode},        {"prompt", o.prompt},        {"chunk", o.chunk},
+      {"mode", o.mode},        {"prompt", prompt_len},        {"chunk", o.chunk},
       {"decode", o.decode},    {"repeats", o.repeats},
-      {"prefill_tokens_per_s", static_cast<double>(o.prompt) / median(prefill_s)},
+      {"prefill_tokens_per_s", static_cast<double>(prompt_len) / median(prefill_s)},
       {"decode_ms_per_token", median(decode_s) * 1e3 / static_cast<double>(o.decode)},
       {"weights_gib", cuda ? static_cast<double>(cuda->weight_bytes()) / (1 << 30) : 0.0},
       {"first_tokens", std::vector<int32_t>(first_tokens.begin(), first_tokens.begin() + std::min<size_t>(8, first_tokens.size()))}};
   std::printf("%s\n", j.dump().c_str());
-  return 0;
 }
 
 }  // namespace
@@ -128,7 +136,7 @@ int main(int argc, char** argv) {
   CLI::App app{"bench_model: prefill tokens/s and decode ms/token of the model runtime"};
   app.add_option("--model", o.model_dir, "checkpoint directory")->required();
   app.add_option("--backend", o.backend, "cpu or cuda");
-  app.add_option("--prompt", o.prompt, "prompt tokens (seeded ids)");
+  app.add_option("--prompt", o.prompts, "prompt tokens (seeded ids); several values: one measurement each");
   app.add_option("--chunk", o.chunk, "prefill chunk");
   app.add_option("--decode", o.decode, "decode steps timed");
   app.add_option("--repeats", o.repeats, "timed repeats (after one warm-up)");
