@@ -197,7 +197,7 @@ curl -fsS "${auth[@]}" "$url/metrics" | grep -E '^unshackle_(prompt_tokens_total
 if [ "$keep_running" = 1 ]; then
   trap - EXIT
   echo "== Still running (--keep-running): export UNSHACKLE_URL=$url UNSHACKLE_API_KEY=\$(cat $work/api-key)"
-  echo "   then e.g. $client_bin submit --file FILE --question Q;  stop with: $0 --stop --work $work"
+  echo "   then e.g. $client_bin submit --file FILE --question Q;  stop with: ./deploy/quickstart.sh --stop  (or $0 --stop --work $work)"
   exit 0
 fi
 stop_service
