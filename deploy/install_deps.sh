@@ -10,7 +10,7 @@ packages=(
   libopenblas-dev libsentencepiece-dev libpcre2-dev
   libopenmpi-dev openmpi-bin
   libboost1.81-dev libboost-json1.81-dev prometheus-cpp-dev libsystemd-dev
-  prometheus curl python3 shellcheck
+  prometheus curl python3 python3-yaml shellcheck systemd procps
 )
 
 missing=()
