@@ -4,11 +4,14 @@
 # a LeaderWorkerSet (LWS_* variables, injected by LWS) and under the StatefulSet fallback
 # (pod ordinal from the hostname, GROUP_SIZE and HEADLESS_SERVICE from the manifest).
 #   unshackle-group-launch [unshackle-worker flags...]   (--group is set here)
-# Env: GPUS_PER_POD (default 1), SSH_KEY_DIR (a Secret with id_ed25519, id_ed25519.pub).
+# Env: GPUS_PER_POD (default 1), SSH_KEY_DIR (a Secret with id_ed25519, id_ed25519.pub),
+# FOLLOWER_WAIT_S (default 120: how long the leader waits for each follower's sshd).
 set -euo pipefail
 
 gpus_per_pod=${GPUS_PER_POD:-1}
 key_dir=${SSH_KEY_DIR:-/etc/unshackle/ssh}
+follower_wait_s=${FOLLOWER_WAIT_S:-120}
+sshd=${SSHD:-/usr/sbin/sshd}
 
 if [ -n "${LWS_LEADER_ADDRESS:-}" ]; then
   # LWS: leader <lws>-<group>.<lws>.<ns>, worker i: <lws>-<group>-<i>.<lws>.<ns>.
@@ -43,13 +46,13 @@ sshd_args=(-e -p 2222 -h "$HOME/.ssh/host_key" -o "PidFile=$HOME/.ssh/sshd.pid" 
 if [ "$index" != 0 ]; then
   # A follower only hosts ranks; the leader's mpirun starts them. sshd in the foreground
   # keeps the pod alive and dies with it.
-  exec /usr/sbin/sshd -D "${sshd_args[@]}"
+  exec "$sshd" -D "${sshd_args[@]}"
 fi
 
-/usr/sbin/sshd "${sshd_args[@]}"
+"$sshd" "${sshd_args[@]}"
 # Wait for every follower's sshd (pods start in any order).
 for host in "${hosts[@]:1}"; do
-  for _ in $(seq 1 120); do
+  for _ in $(seq 1 "$follower_wait_s"); do
     if (exec 3<>"/dev/tcp/${host%%:*}/2222") 2>/dev/null; then break; fi
     sleep 1
   done
