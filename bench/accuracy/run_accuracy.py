@@ -88,6 +88,19 @@ def plan_cpu():
     return jobs
 
 
+def plan_extra():
+    """More trials where they are cheap: random depths at 1x and 4x, every mode."""
+    jobs = []
+    for length in (2048, 512):
+        for seed in range(300, 305):
+            for mode in ALL:
+                jobs.append((length, 1, 1, None, seed, mode, 1))
+        for seed in range(400, 403):
+            for mode in ALL:
+                jobs.append((length, 3, 2, None, seed, mode, 1))
+    return jobs
+
+
 def plan_gpu():
     """One H200 through --backend cuda: ESA from 64x to 2048x the training length."""
     jobs = []
@@ -115,7 +128,7 @@ def main():
     ap.add_argument("--unshackle", required=True)
     ap.add_argument("--model", default=os.path.join(ROOT, "models", "needle-llama"))
     ap.add_argument("--results", required=True)
-    ap.add_argument("--plan", default="cpu", choices=["cpu", "gpu"])
+    ap.add_argument("--plan", default="cpu", choices=["cpu", "extra", "gpu"])
     ap.add_argument("--timeout", type=float, default=0, help="seconds per trial (0: none)")
     ap.add_argument("--max-jobs", type=int, default=0, help="stop after this many new trials (0: all)")
     ap.add_argument("--extra", default="", help="more generate arguments for every trial (e.g. '--backend cuda')")
@@ -125,7 +138,8 @@ def main():
     if os.path.exists(args.results):
         with open(args.results) as f:
             done = {json.loads(line)["key"] for line in f if line.strip()}
-    jobs = [j for j in (plan_cpu() if args.plan == "cpu" else plan_gpu()) if key_of(j) not in done]
+    plans = {"cpu": plan_cpu, "extra": plan_extra, "gpu": plan_gpu}
+    jobs = [j for j in plans[args.plan]() if key_of(j) not in done]
     print(f"{len(jobs)} trials to run ({len(done)} already in {args.results})", flush=True)
     os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
     ran = 0
