@@ -1,5 +1,13 @@
 // The CUDA backend: the operations of backend.h on device memory, one stream per backend.
+//
+// Host synchronisation: only synchronize(), copy_to_host() and buffer growth/free wait for
+// the stream. copy_to_backend() of up to kStageLimit bytes copies the host data into a pinned
+// staging ring and queues the device copy: the caller may reuse its host buffer on return,
+// and every later call on this backend sees the data (stream order). Readers on other streams
+// (the communicator, the model's stream) must synchronize() first, as they already must for
+// kernels. Larger copies (weights) stay synchronous from pageable memory.
 #include <algorithm>
+#include <cstring>
 #include <memory>
 
 #include "cuda_check.h"
@@ -32,6 +40,59 @@ Workspace::~Workspace() {
 
 namespace {
 
+constexpr size_t kStageLimit = size_t{256} << 10;  // staged (asynchronous) host->device copies up to this
+constexpr size_t kStageHalf = size_t{1} << 20;      // each half of the pinned ring
+
+// Pinned staging for small host->device copies, in two halves: a copy goes into the current
+// half; when it does not fit, an event marks the half's last copy and the other half is
+// reused once its own event has completed (normally long before). After a stream
+// synchronisation every staged copy is done and the ring restarts empty.
+class StagingRing {
+ public:
+  StagingRing() = default;
+  StagingRing(const StagingRing&) = delete;
+  StagingRing& operator=(const StagingRing&) = delete;
+  ~StagingRing() {
+    if (base_) cudaFreeHost(base_);
+    for (cudaEvent_t e : done_)
+      if (e) cudaEventDestroy(e);
+  }
+
+  // Copies `bytes` (<= kStageLimit) from host `src` to device `dst`, queued on `stream`.
+  void copy(void* dst, const void* src, size_t bytes, cudaStream_t stream) {
+    if (!base_) {
+      UNS_CUDA_CHECK(cudaMallocHost(&base_, 2 * kStageHalf));
+      for (cudaEvent_t& e : done_) UNS_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+    }
+    const size_t aligned = (bytes + 255) / 256 * 256;
+    if (offset_ + aligned > kStageHalf) {  // leave this half: mark its last copy, take the other
+      UNS_CUDA_CHECK(cudaEventRecord(done_[half_], stream));
+      pending_[half_] = true;
+      half_ ^= 1;
+      offset_ = 0;
+      if (pending_[half_]) UNS_CUDA_CHECK(cudaEventSynchronize(done_[half_]));
+      pending_[half_] = false;
+    }
+    unsigned char* stage = base_ + static_cast<size_t>(half_) * kStageHalf + offset_;
+    offset_ += aligned;
+    std::memcpy(stage, src, bytes);
+    UNS_CUDA_CHECK(cudaMemcpyAsync(dst, stage, bytes, cudaMemcpyHostToDevice, stream));
+  }
+  // The stream was synchronised: no staged copy is in flight.
+  void idle() {
+    pending_[0] = pending_[1] = false;
+    half_ = 0;
+    offset_ = 0;
+  }
+
+ private:
+  unsigned char* base_ = nullptr;  // [2 * kStageHalf] pinned
+  cudaEvent_t done_[2] = {nullptr, nullptr};
+  bool pending_[2] = {false, false};
+  int half_ = 0;
+  size_t offset_ = 0;
+};
+
 class CudaBackend final : public Backend {
  public:
   explicit CudaBackend(int device) : device_(device) {
@@ -42,8 +103,9 @@ class CudaBackend final : public Backend {
     name_ = std::string("cuda:") + std::to_string(device_) + " (" + prop.name + ")";
   }
   ~CudaBackend() override {
-    cudaStreamSynchronize(stream_);
+    cudaStreamSynchronize(stream_);  // staged copies and readbacks finish before their memory goes
     cudaStreamDestroy(stream_);
+    if (readback_) cudaFreeHost(readback_);
   }
 
   std::string name() const override { return name_; }
@@ -64,20 +126,29 @@ class CudaBackend final : public Backend {
   }
   void deallocate(void* ptr) override {
     if (!ptr) return;
-    cudaStreamSynchronize(stream_);  // queued work may still use it
+    if (cudaStreamSynchronize(stream_) == cudaSuccess) ring_.idle();  // queued work may still use it
     cudaFree(ptr);
   }
   void copy_to_backend(void* dst, const void* src, size_t bytes) override {
     if (!bytes) return;
     bind();
+    if (bytes <= kStageLimit) return ring_.copy(dst, src, bytes, stream_);  // queued, no host wait
     UNS_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream_));
-    UNS_CUDA_CHECK(cudaStreamSynchronize(stream_));  // the host buffer may go away
+    sync_stream();  // the pageable host buffer may go away
   }
   void copy_to_host(void* dst, const void* src, size_t bytes) override {
     if (!bytes) return;
     bind();
-    UNS_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, stream_));
-    UNS_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    if (bytes > kStageLimit) {
+      UNS_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, stream_));
+      return sync_stream();
+    }
+    // Small results (selected tokens, gathered candidates) through pinned memory: one DMA
+    // and one wait, not the driver's pageable staging.
+    if (!readback_) UNS_CUDA_CHECK(cudaMallocHost(&readback_, kStageLimit));
+    UNS_CUDA_CHECK(cudaMemcpyAsync(readback_, src, bytes, cudaMemcpyDeviceToHost, stream_));
+    sync_stream();
+    std::memcpy(dst, readback_, bytes);
   }
   void copy_within(void* dst, const void* src, size_t bytes) override {
     if (!bytes || dst == src) return;
@@ -93,7 +164,7 @@ class CudaBackend final : public Backend {
     UNS_CUDA_CHECK(cudaMemcpyAsync(stage, src, bytes, cudaMemcpyDeviceToDevice, stream_));
     UNS_CUDA_CHECK(cudaMemcpyAsync(dst, stage, bytes, cudaMemcpyDeviceToDevice, stream_));
   }
-  void synchronize() override { UNS_CUDA_CHECK(cudaStreamSynchronize(stream_)); }
+  void synchronize() override { sync_stream(); }
   void convert(const void* src, DType src_dtype, void* dst, DType dst_dtype, size_t count) override {
     bind();
     if (src_dtype == dst_dtype) return copy_within(dst, src, count * dtype_size(src_dtype));
@@ -114,11 +185,17 @@ class CudaBackend final : public Backend {
 
  private:
   void bind() const { UNS_CUDA_CHECK(cudaSetDevice(device_)); }
+  void sync_stream() {
+    UNS_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    ring_.idle();
+  }
 
   int device_;
   cudaStream_t stream_ = nullptr;
   std::string name_;
   cuda::Workspace topk_workspace_, attend_workspace_, staging_;
+  StagingRing ring_;          // small host->device copies
+  void* readback_ = nullptr;  // [kStageLimit] pinned, small device->host copies
 };
 
 }  // namespace

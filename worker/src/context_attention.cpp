@@ -435,11 +435,21 @@ void ContextAttention::attend_and_merge(int layer, const Segments& seg, const fl
     BackendBuffer& parts = scratch(kParts, 2 * part_floats * sizeof(float));
     float* o_parts = parts.as<float>();
     float* lse_parts = o_parts + 2 * o_count;
-    // Global part: owned rows of I ∪ M_k; keys unrotated, queries at w, non-causal.
+    // Global part: owned rows of I ∪ M_k; keys unrotated, queries at w, non-causal. The row
+    // list is built in a reused host vector; the CUDA backend queues its copy through pinned
+    // staging (no host wait).
     const auto [i0, i1] = shard_->owned_rows(layer, 0, seg.i_end);
-    std::vector<int32_t> rows;
+    std::vector<int32_t>& rows = rows_;
+    rows.clear();
     for (int64_t r = i0; r < i1; ++r) rows.push_back(static_cast<int32_t>(r));
-    for (int64_t t : selected_mine) rows.push_back(static_cast<int32_t>(shard_->row_of(layer, t)));
+    {  // selected_mine is ascending and owned: one forward walk over the owned tokens
+      auto from = store.tokens.begin();
+      for (int64_t t : selected_mine) {
+        from = std::lower_bound(from, store.tokens.end(), t);
+        UNS_CHECK(from != store.tokens.end() && *from == t, "selected token {} has no row on this rank", t);
+        rows.push_back(static_cast<int32_t>(from - store.tokens.begin()));
+      }
+    }
     BackendBuffer& row_buffer = scratch(kGlobalRows, std::max<size_t>(rows.size(), 1) * sizeof(int32_t));
     backend_.copy_to_backend(row_buffer.data(), rows.data(), rows.size() * sizeof(int32_t));
     attend.rows = row_buffer.as<int32_t>();
@@ -466,6 +476,11 @@ void ContextAttention::attend_and_merge(int layer, const Segments& seg, const fl
 
   // Merge across ranks: gather every rank's [o | lse], lay them out as parts, LSE-merge.
   const int P = comm_.size();
+  if (P == 1) {  // [o | lse] already is the one-part layout: merge in place of gather + copies
+    backend_.merge({.o_parts = send.as<float>(), .lse_parts = send.as<float>() + o_count, .n_parts = 1,
+                    .rows = out_rows, .d = options_.d, .o = o});
+    return;
+  }
   BackendBuffer& gathered = scratch(kGathered, part_floats * static_cast<size_t>(P) * sizeof(float));
   all_gather(send.data(), gathered.data(), part_floats * sizeof(float), stats);
   BackendBuffer& merge_parts = scratch(kMergeParts, part_floats * static_cast<size_t>(P) * sizeof(float));

@@ -89,17 +89,19 @@ void KvShard::append(int layer_index, int64_t t0, int64_t n, const float* k, con
       const size_t src = static_cast<size_t>(t - t0) * head_row, dst = static_cast<size_t>(row) * half_row;
       backend_.convert(k + src, DType::kF32, byte_ptr(layer.k, dst), options_.kv_dtype, static_cast<size_t>(count) * head_row);
       backend_.convert(v + src, DType::kF32, byte_ptr(layer.v, dst), options_.kv_dtype, static_cast<size_t>(count) * head_row);
-      std::vector<int64_t> new_tokens(static_cast<size_t>(count));
-      for (int64_t i = 0; i < count; ++i) new_tokens[static_cast<size_t>(i)] = t + i;
-      backend_.copy_to_backend(byte_ptr(layer.tokens_buf, static_cast<size_t>(row) * sizeof(int64_t)), new_tokens.data(),
-                               new_tokens.size() * sizeof(int64_t));
-      layer.tokens.insert(layer.tokens.end(), new_tokens.begin(), new_tokens.end());
+      // The host list first, then its new tail to the device (queued by the CUDA backend).
+      for (int64_t i = 0; i < count; ++i) layer.tokens.push_back(t + i);
+      backend_.copy_to_backend(byte_ptr(layer.tokens_buf, static_cast<size_t>(row) * sizeof(int64_t)),
+                               layer.tokens.data() + row, static_cast<size_t>(count) * sizeof(int64_t));
     }
     t = run_end;
   }
   if (options_.d_c == 0) return;
-  // Scoring rows: owned or halo tokens, in runs of consecutive kept tokens.
-  std::vector<int64_t> kept, candidates;
+  // Scoring rows: owned or halo tokens, in runs of consecutive kept tokens (reused vectors).
+  std::vector<int64_t>& kept = kept_;
+  std::vector<int64_t>& candidates = candidates_;
+  kept.clear();
+  candidates.clear();
   for (int64_t t = t0; t < t0 + n; ++t) {
     if (owns(t) || in_halo(t)) {
       kept.push_back(t);

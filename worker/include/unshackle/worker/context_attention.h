@@ -103,6 +103,7 @@ class ContextAttention {
   std::vector<int64_t> layer_length_;     // tokens appended per layer
   std::vector<int64_t> lag_done_;         // LagKV partitions already scored, per layer
   std::vector<int64_t> evicted_count_;    // tokens evicted so far, per layer (all lie in M)
+  std::vector<int32_t> rows_;             // the global part's row list, reused every step
   int64_t length_ = 0;
 };
 

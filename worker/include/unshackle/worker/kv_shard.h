@@ -79,6 +79,7 @@ class KvShard {
   Backend& backend_;
   KvShardOptions options_;
   std::vector<Layer> layers_;
+  std::vector<int64_t> kept_, candidates_;  // append's scoring rows, reused across calls
 };
 
 }  // namespace unshackle
