@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <ostream>
 
 #include "model_fixtures.h"
 #include "tolerance.h"
@@ -82,6 +83,10 @@ struct Case {
   DType dtype;
   bool tied;
 };
+
+void PrintTo(const Case& c, std::ostream* os) {
+  *os << c.arch << " " << dtype_name(c.dtype) << (c.tied ? " tied" : "");
+}
 
 class CudaVsCpu : public ::testing::TestWithParam<Case> {};
 

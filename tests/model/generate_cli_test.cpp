@@ -72,8 +72,9 @@ class GenerateCli : public ::testing::Test {
   }
   // generate with the shared prompt; `extra` adds or overrides flags.
   static std::string args(const std::string& extra) {
-    return fmt::format("generate --model {} --prompt '{}' --max-tokens 12 --chunk 16 --ignore-eos --json {}",
-                       dir_->path(), kPrompt, extra);
+    const char* chunk = extra.find("--chunk") == std::string::npos ? "--chunk 16" : "";
+    return fmt::format("generate --model {} --prompt '{}' --max-tokens 12 --ignore-eos --json {} {}", dir_->path(),
+                       kPrompt, chunk, extra);
   }
   static ScratchDir* dir_;
 };
