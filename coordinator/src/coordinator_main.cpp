@@ -7,6 +7,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
+#include <functional>
 
 #include "unshackle/common/sd_notify.h"
 #include "unshackle/coordinator/http_server.h"
@@ -88,10 +89,22 @@ int main(int argc, char** argv) {
       std::rename(tmp.c_str(), port_file.c_str());
     }
     notify_ready(fmt::format("HTTP on {}:{}, workers on {}:{}", host, http_port, worker_host, bound_worker_port));
+    // WatchdogSec= in the unit: WATCHDOG=1 from the I/O thread, so a stuck event loop is restarted.
+    boost::asio::steady_timer watchdog(ioc);
+    std::function<void()> ping = [&, every = watchdog_interval()] {
+      if (every.count() == 0) return;
+      notify_watchdog();
+      watchdog.expires_after(every);
+      watchdog.async_wait([&](const boost::system::error_code& ec) {
+        if (!ec) ping();
+      });
+    };
+    ping();
     boost::asio::signal_set signals(ioc, SIGINT, SIGTERM);
     signals.async_wait([&](const boost::system::error_code&, int) {
       std::fprintf(stderr, "unshackle-coordinator: shutting down\n");
       notify_stopping();
+      watchdog.cancel();
       server.stop();
       registry.stop();
       boost::asio::post(ioc, [&] { ioc.stop(); });

@@ -55,6 +55,36 @@ with tempfile.TemporaryDirectory() as work:
             process.kill()
             process.wait()
 print(f"PASS coordinator: {message.splitlines()[1]}; STOPPING=1 and exit 0 on SIGTERM")
+
+# WatchdogSec=30 in the unit gives WATCHDOG_USEC; here 0.2 s, so pings come every 0.1 s.
+with tempfile.TemporaryDirectory() as work:
+    notify_path = os.path.join(work, "notify")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(notify_path)
+    listener.settimeout(20)
+    env = dict(os.environ, NOTIFY_SOCKET=notify_path, WATCHDOG_USEC="200000")
+    env.pop("UNSHACKLE_API_KEY", None)
+    env.pop("WATCHDOG_PID", None)
+    process = subprocess.Popen([binary, "--port", "0", "--worker-port", "0"], env=env, stderr=subprocess.DEVNULL)
+    try:
+        messages = [listener.recv(4096).decode()]
+        started = time.monotonic()
+        while time.monotonic() - started < 1.0:
+            messages.append(listener.recv(4096).decode())
+        pings = messages.count("WATCHDOG=1")
+        if not messages[0].startswith("READY=1") or pings < 5:
+            sys.exit(f"FAIL expected READY=1 then a WATCHDOG=1 every 0.1 s, got {messages[:4]}... ({pings} pings in 1 s)")
+        process.send_signal(signal.SIGTERM)
+        if process.wait(timeout=20) != 0:
+            sys.exit("FAIL the coordinator did not exit 0 on SIGTERM with the watchdog on")
+    except socket.timeout:
+        sys.exit(f"FAIL the watchdog pings stopped: {messages}")
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+print(f"PASS coordinator watchdog: {pings} WATCHDOG=1 in 1 s with WATCHDOG_USEC=200000")
+
 if len(sys.argv) < 4:
     sys.exit(0)
 

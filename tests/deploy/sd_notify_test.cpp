@@ -61,5 +61,25 @@ TEST(SdNotify, ReadyStatusAndStoppingReachTheSocket) {
   EXPECT_EQ(socket.receive(), "STOPPING=1");
 }
 
+TEST(SdNotify, WatchdogIntervalIsHalfOfWatchdogUsecForThisProcessOnly) {
+  ::unsetenv("WATCHDOG_PID");
+  ::unsetenv("WATCHDOG_USEC");
+  EXPECT_EQ(watchdog_interval().count(), 0) << "no WatchdogSec=: no pings";
+  ::setenv("WATCHDOG_USEC", "30000000", 1);
+  EXPECT_EQ(watchdog_interval(), std::chrono::seconds(15));
+  ::setenv("WATCHDOG_PID", std::to_string(::getpid()).c_str(), 1);
+  EXPECT_EQ(watchdog_interval(), std::chrono::seconds(15));
+  ::setenv("WATCHDOG_PID", std::to_string(::getpid() + 1).c_str(), 1);
+  EXPECT_EQ(watchdog_interval().count(), 0) << "the watchdog belongs to another process (mpirun's child ranks)";
+  ::unsetenv("WATCHDOG_PID");
+  ::unsetenv("WATCHDOG_USEC");
+}
+
+TEST(SdNotify, WatchdogPingReachesTheSocket) {
+  NotifySocket socket;
+  ASSERT_TRUE(notify_watchdog());
+  EXPECT_EQ(socket.receive(), "WATCHDOG=1");
+}
+
 }  // namespace
 }  // namespace unshackle

@@ -4,6 +4,7 @@
 // unset) or libsystemd.so.0 is missing, so callers never need to care.
 #pragma once
 
+#include <chrono>
 #include <string>
 
 namespace unshackle {
@@ -14,5 +15,11 @@ bool notify_ready(const std::string& status);
 bool notify_status(const std::string& status);
 // STOPPING=1: shutdown began, so systemd does not count the exit as a crash while it waits.
 bool notify_stopping();
+
+// WatchdogSec=: how often to send WATCHDOG=1 (half the unit's watchdog timeout), or zero when
+// systemd watches nothing for this process.
+std::chrono::microseconds watchdog_interval();
+// WATCHDOG=1: the process is alive; systemd restarts it when these stop.
+bool notify_watchdog();
 
 }  // namespace unshackle
