@@ -194,6 +194,7 @@ struct Scheduler::Run {
   int64_t context_tokens = 0;
   size_t prefilled = 0;
   std::string raw_text;  // generated text before stop handling
+  std::vector<int32_t> tokens;  // generated ids (an end-of-sequence token excluded)
   size_t visible = 0;
   size_t max_stop = 0;
   int64_t generated = 0;
@@ -628,33 +629,42 @@ void Scheduler::step(WorkerGroup& g, Run& run) {
     metrics_.collective->Observe(stats.collective_seconds);
     if (stats.middle_tokens > 0) metrics_.selected_ratio->Observe(double(stats.selected_tokens) / double(stats.middle_tokens));
     metrics_.selected_tokens->Increment(double(stats.selected_tokens));
-    if (r.value("eos", false)) {
-      job.update([&](Job::State& s) { s.text = run.raw_text.substr(0, run.raw_text.size()); });
-      finish(g, run, JobPhase::kCompleted, "stop", std::nullopt);
-      return;
+    // The generation ends: the bytes the worker held back (a character whose tokens did not
+    // all arrive) become U+FFFD, as the tokenizer decodes them; the text stays a prefix.
+    const auto flush_text = [&] {
+      if (run.tokens.empty()) return;
+      const json d = g.call("detokenize", json{{"tokens", run.tokens}}, timeout);
+      const std::string full = d.value("text", std::string());
+      if (full.size() > run.raw_text.size() && full.compare(0, run.raw_text.size(), run.raw_text) == 0) run.raw_text = full;
+    };
+    const bool eos = r.value("eos", false);
+    if (!eos) {
+      if (run.generated == 0) metrics_.ttft->Observe(seconds(now - job.created));
+      else metrics_.itl->Observe(seconds(now - run.last_token));
+      run.last_token = now;
+      ++run.generated;
+      run.tokens.push_back(r.at("token").get<int32_t>());
+      metrics_.generation_tokens->Increment();
+      run.raw_text += r.value("text", std::string());
     }
-    if (run.generated == 0) metrics_.ttft->Observe(seconds(now - job.created));
-    else metrics_.itl->Observe(seconds(now - run.last_token));
-    run.last_token = now;
-    ++run.generated;
-    metrics_.generation_tokens->Increment();
-    run.raw_text += r.value("text", std::string());
+    const bool length = !eos && run.generated >= spec.max_tokens;
+    if (eos || length) flush_text();
     // Stop sequences: cut at the earliest one; otherwise hold back what could begin one.
     size_t stop_at = std::string::npos;
     for (const auto& s : spec.stop) stop_at = std::min(stop_at, run.raw_text.find(s));
-    const bool length = run.generated >= spec.max_tokens;
     size_t visible;
     if (stop_at != std::string::npos) visible = stop_at;
-    else if (length || run.max_stop == 0) visible = run.raw_text.size();
+    else if (eos || length || run.max_stop == 0) visible = run.raw_text.size();
     else visible = std::max(run.visible, run.raw_text.size() >= run.max_stop - 1 ? run.raw_text.size() - (run.max_stop - 1) : 0);
     run.visible = std::max(run.visible, visible);
     job.update([&](Job::State& s) {
       s.generated = run.generated;
       s.text = run.raw_text.substr(0, run.visible);
+      if (eos) return;
       if (!s.first_token) s.first_token = now;
       s.last_token = now;
     });
-    if (stop_at != std::string::npos) finish(g, run, JobPhase::kCompleted, "stop", std::nullopt);
+    if (stop_at != std::string::npos || eos) finish(g, run, JobPhase::kCompleted, "stop", std::nullopt);
     else if (length) finish(g, run, JobPhase::kCompleted, "length", std::nullopt);
   } catch (const Error& e) {
     if (!g.up()) return;  // the driver fails every job of the group

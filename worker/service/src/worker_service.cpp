@@ -134,7 +134,10 @@ class Leader {
           have_call = true;
         }
       }
-      if (!have_call) {
+      // Usage is polled when idle and, while calls keep coming, at least once a heartbeat,
+      // so the per-rank KV gauges follow a long job.
+      if (!have_call || Clock::now() - last_usage_ >= options_.heartbeat) {
+        last_usage_ = Clock::now();
         try {
           if (comm_ && comm_->size() > 1) broadcast_json(*comm_, &kUsagePoll);
           json usage = gather_usage(engine_, comm_);
@@ -143,7 +146,7 @@ class Leader {
         } catch (const std::exception& e) {
           return group_broken(wire::plain_message(e));
         }
-        continue;
+        if (!have_call) continue;
       }
       const json id = call.value("id", json());
       const std::string op = call.value("op", "");
@@ -275,6 +278,7 @@ class Leader {
   std::condition_variable cv_;
   std::deque<json> calls_;
   json usage_ = json::array();
+  Clock::time_point last_usage_ = Clock::now();
   bool closed_ = false;
   std::string close_reason_;
 };
