@@ -91,7 +91,8 @@ if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then gpus=
 worker_flags=()
 if [ "$gpus" -gt 0 ]; then
   ranks=${ranks:-$gpus}
-  if "$worker_bin" --help | grep -q -- '--backend.*cuda'; then
+  # grep reads all of --help (no -q): an early exit would fail the pipe under pipefail.
+  if "$worker_bin" --help | grep -- '--backend.*cuda' >/dev/null; then
     worker_flags+=(--backend cuda)
     placement="$ranks ranks on $gpus GPU(s)"
   else
