@@ -120,6 +120,22 @@ class Session : public std::enable_shared_from_this<Session> {
       });
     }
     job_->set_listener([self, executor] { net::post(executor, [self] { self->pump(); }); });
+    watch_peer(job_);
+  }
+
+  // Nothing is written during a long prefill, so a write error cannot tell that the client
+  // went away: wait for the socket to turn readable and peek. End of stream (or an error)
+  // while the job runs closes the session, which cancels the job. Bytes of a pipelined
+  // request are left for the next read.
+  void watch_peer(std::shared_ptr<Job> job) {
+    stream_.socket().async_wait(net::ip::tcp::socket::wait_read, [self = shared_from_this(), job](beast::error_code ec) {
+      if (ec == net::error::operation_aborted || self->job_ != job || job->done()) return;
+      char byte = 0;
+      beast::error_code peek_ec;
+      const size_t n = self->stream_.socket().receive(net::buffer(&byte, 1), net::socket_base::message_peek, peek_ec);
+      if (!ec && !peek_ec && n > 0) return;  // a pipelined request: not a disconnect
+      self->close();
+    });
   }
 
   void pump() {

@@ -242,6 +242,44 @@ TEST_F(E2ESlow, CancelStopsTheJobOnTheWorkers) {
   EXPECT_EQ(result.error_code(), "job_cancelled");
 }
 
+TEST_F(E2ESlow, StreamClientThatDisconnectsDuringPrefillCancelsItsJob) {
+  net::io_context ioc;
+  beast::tcp_stream stream(ioc);
+  stream.connect(net::ip::tcp::endpoint(net::ip::make_address("127.0.0.1"), svc().http_port));
+  http::request<http::string_body> req{http::verb::post, "/v1/completions", 11};
+  req.set(http::field::host, "127.0.0.1");
+  req.set(http::field::authorization, "Bearer " + svc().options().api_key);
+  req.set(http::field::content_type, "application/json");
+  req.body() = json{{"prompt", long_prompt(1900)}, {"max_tokens", 20}, {"stream", true}}.dump();
+  req.prepare_payload();
+  http::write(stream, req);
+  // The stream's job is the newest; wait until it is prefilling (nothing has been written yet).
+  std::string id;
+  ASSERT_TRUE(eventually(
+      [&] {
+        const json list = svc().get("/v1/jobs?limit=1").json_body();
+        if (!list.contains("data") || list["data"].empty()) return false;
+        const json& j = list["data"][0];
+        if (j["status"] != "prefill" || !j["progress"]["prefilled_tokens"].is_number() ||
+            j["progress"]["prefilled_tokens"].get<int64_t>() == 0)
+          return false;
+        id = j["id"];
+        return true;
+      },
+      30s, 5ms));
+  stream.socket().close();
+  json job;
+  ASSERT_TRUE(eventually([&] {
+    job = svc().get("/v1/jobs/" + id).json_body();
+    return job["status"] == "cancelled";
+  })) << job.dump();
+  EXPECT_LT(job["progress"]["prefilled_tokens"].get<int64_t>(), 1901);
+  EXPECT_TRUE(eventually([&] {
+    return svc().metric("unshackle_worker_kv_tokens{group=\"g0\",rank=\"0\"}") == 0.0 &&
+           svc().metric("unshackle_worker_kv_tokens{group=\"g0\",rank=\"1\"}") == 0.0;
+  })) << svc().get("/metrics").body;
+}
+
 struct BadRequest {
   const char* name;
   std::string target;
