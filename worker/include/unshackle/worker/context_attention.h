@@ -104,6 +104,7 @@ class ContextAttention {
   std::vector<int64_t> lag_done_;         // LagKV partitions already scored, per layer
   std::vector<int64_t> evicted_count_;    // tokens evicted so far, per layer (all lie in M)
   std::vector<int32_t> rows_;             // the global part's row list, reused every step
+  std::vector<int64_t> sort_spare_;       // finish_selection's radix-sort buffer
   int64_t length_ = 0;
 };
 
