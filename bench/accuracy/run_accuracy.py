@@ -101,6 +101,15 @@ def plan_extra():
     return jobs
 
 
+def plan_extra8k():
+    """A few more 16x trials at random depths for the modes that run there quickly."""
+    jobs = [(8192, 3, 2, None, seed, "esa", 1) for seed in (400, 401)]
+    for seed in (300, 301, 302):
+        for mode in ("esa", "block", "esa+lagkv", "streaming"):
+            jobs.append((8192, 1, 1, None, seed, mode, 1))
+    return jobs
+
+
 def plan_gpu():
     """One H200 through --backend cuda: ESA from 64x to 2048x the training length."""
     jobs = []
@@ -128,7 +137,7 @@ def main():
     ap.add_argument("--unshackle", required=True)
     ap.add_argument("--model", default=os.path.join(ROOT, "models", "needle-llama"))
     ap.add_argument("--results", required=True)
-    ap.add_argument("--plan", default="cpu", choices=["cpu", "extra", "gpu"])
+    ap.add_argument("--plan", default="cpu", choices=["cpu", "extra", "extra8k", "gpu"])
     ap.add_argument("--timeout", type=float, default=0, help="seconds per trial (0: none)")
     ap.add_argument("--max-jobs", type=int, default=0, help="stop after this many new trials (0: all)")
     ap.add_argument("--extra", default="", help="more generate arguments for every trial (e.g. '--backend cuda')")
@@ -138,7 +147,7 @@ def main():
     if os.path.exists(args.results):
         with open(args.results) as f:
             done = {json.loads(line)["key"] for line in f if line.strip()}
-    plans = {"cpu": plan_cpu, "extra": plan_extra, "gpu": plan_gpu}
+    plans = {"cpu": plan_cpu, "extra": plan_extra, "extra8k": plan_extra8k, "gpu": plan_gpu}
     jobs = [j for j in plans[args.plan]() if key_of(j) not in done]
     print(f"{len(jobs)} trials to run ({len(done)} already in {args.results})", flush=True)
     os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
