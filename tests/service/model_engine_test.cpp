@@ -107,7 +107,7 @@ TEST_F(ModelEngineTest, ReservationsStayWithinCapacity) {
     EXPECT_EQ(e.kind(), ErrorKind::kInvalidArgument);
     EXPECT_EQ(std::string(e.what()).rfind("attention.mode: ", 0), 0u) << e.what();
   }
-  EXPECT_EQ(kind_of([&] { ModelEngineOptions o = options(); o.backend = "cuda"; ModelEngine bad_engine(o, *comm); }),
+  EXPECT_EQ(kind_of([&] { ModelEngineOptions o = options(); o.backend = "tpu"; ModelEngine bad_engine(o, *comm); }),
             ErrorKind::kInvalidArgument);
   engine.health_step();
   EXPECT_EQ(engine.usage().contexts, 2);  // 2 and 3 (its refused prefill left it in place)
