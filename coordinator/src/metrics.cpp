@@ -49,6 +49,9 @@ Metrics::Metrics() : registry_(std::make_shared<prometheus::Registry>()) {
   collective = &family(prometheus::BuildHistogram(), "unshackle_collective_seconds",
                        "Time inside collectives per prefill chunk or decode step (rank 0, all layers)", r)
                     .Add({}, kCollectiveBuckets);
+  layer_collective = &family(prometheus::BuildHistogram(), "unshackle_layer_collective_seconds",
+                             "Time inside collectives per layer step: a step's time over its layers (rank 0)", r)
+                          .Add({}, kCollectiveBuckets);
   selected_ratio = &family(prometheus::BuildHistogram(), "unshackle_selection_ratio",
                            "Selected middle tokens over middle tokens per step (selection modes)", r)
                         .Add({}, kRatioBuckets);

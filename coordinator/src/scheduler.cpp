@@ -603,6 +603,7 @@ void Scheduler::step(WorkerGroup& g, Run& run) {
       const json r = g.call("prefill", json{{"context", run.engine_id}, {"tokens", chunk}}, timeout);
       const StepStats stats = wire::stats_from_json(r.value("stats", json::object()));
       metrics_.collective->Observe(stats.collective_seconds);
+      if (model.layers > 0) metrics_.layer_collective->Observe(stats.collective_seconds / model.layers);
       if (stats.middle_tokens > 0) metrics_.selected_ratio->Observe(double(stats.selected_tokens) / double(stats.middle_tokens));
       metrics_.selected_tokens->Increment(double(stats.selected_tokens));
       metrics_.prompt_tokens->Increment(double(n));
@@ -627,6 +628,7 @@ void Scheduler::step(WorkerGroup& g, Run& run) {
     const auto now = Clock::now();
     const StepStats stats = wire::stats_from_json(r.value("stats", json::object()));
     metrics_.collective->Observe(stats.collective_seconds);
+    if (model.layers > 0) metrics_.layer_collective->Observe(stats.collective_seconds / model.layers);
     if (stats.middle_tokens > 0) metrics_.selected_ratio->Observe(double(stats.selected_tokens) / double(stats.middle_tokens));
     metrics_.selected_tokens->Increment(double(stats.selected_tokens));
     // The generation ends: the bytes the worker held back (a character whose tokens did not

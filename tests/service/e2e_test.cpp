@@ -383,6 +383,9 @@ TEST_F(E2E, PrometheusScrapesTheWorkload) {
   EXPECT_GT(now("sum(unshackle_generation_tokens_total)"), generated0);
   EXPECT_GE(now("sum(unshackle_time_to_first_token_seconds_count)"), ttft0 + 3);
   EXPECT_GT(now("sum(unshackle_collective_seconds_count)"), collective0);
+  // One query, so both counts come from the same scrape.
+  EXPECT_EQ(prom.value("sum(unshackle_layer_collective_seconds_count) - sum(unshackle_collective_seconds_count)"), 0.0)
+      << "one per-layer observation per step";
   EXPECT_GT(now("sum(unshackle_selected_tokens_total)"), selected0) << "exact-topk selects once the middle is long";
   EXPECT_EQ(now("unshackle_worker_group_up{group=\"g0\"}"), 1.0);
   // Both ranks hold part of the stored context (blocks of 8 tokens alternate between them).

@@ -33,6 +33,7 @@ class Metrics {
   prometheus::Histogram* prefill_time;
   prometheus::Histogram* decode_time;
   prometheus::Histogram* collective;       // unshackle_collective_seconds (per step, rank 0)
+  prometheus::Histogram* layer_collective; // unshackle_layer_collective_seconds (per step / layers)
   prometheus::Histogram* selected_ratio;   // unshackle_selection_ratio: |M_k| / |M| per step
   prometheus::Counter* selected_tokens;    // unshackle_selected_tokens_total
   prometheus::Counter* prompt_tokens;      // unshackle_prompt_tokens_total
