@@ -11,7 +11,7 @@
 namespace unshackle {
 
 ModelEngine::ModelEngine(const ModelEngineOptions& options, Communicator& comm) : options_(options), comm_(comm) {
-  UNS_CHECK(options_.backend == "cpu", "--backend: only 'cpu' serves models (got '{}'): the model runtime runs on host memory",
+  UNS_CHECK(options_.backend == "cpu" || options_.backend == "cuda", "--backend: 'cpu' or 'cuda' (got '{}')",
             options_.backend);
   UNS_CHECK(options_.chunk > 0, "chunk: must be > 0 (got {})", options_.chunk);
   UNS_CHECK(options_.kv_block > 0, "--kv-block: must be > 0 (got {})", options_.kv_block);
@@ -19,8 +19,22 @@ ModelEngine::ModelEngine(const ModelEngineOptions& options, Communicator& comm) 
   UNS_CHECK(options_.kv_capacity_tokens >= 0, "--kv-capacity-tokens: must be >= 0 (got {})", options_.kv_capacity_tokens);
   model_ = Model::load(options_.model_dir);
   tokenizer_ = load_tokenizer(options_.model_dir);
-  backend_ = make_cpu_backend();
   const ModelConfig& c = model_->config();
+  if (options_.backend == "cuda") {
+    // As `unshackle generate --backend cuda`: this rank's own copy of the weights on its GPU
+    // (hidden states are replicated, SPEC §7), attention on the CUDA backend of that device.
+    const int devices = CudaModel::device_count();
+    UNS_CHECK_KIND(kUnsupported, devices > 0, "--backend cuda: no CUDA device is visible to rank {} (use --backend cpu)",
+                   comm_.rank());
+    const int device = options_.device_index % devices;
+    cuda_model_ = std::make_unique<CudaModel>(model_, device, CudaModel::default_weight_dtype(c));
+    backend_ = make_cuda_backend(device);
+    UNS_CHECK_KIND(kUnsupported, backend_->supports(Op::kAttend, DType::kF32, c.head_dim),
+                   "--backend cuda: the CUDA attention kernels do not take head dim {} (model '{}'); use --backend cpu",
+                   c.head_dim, options_.model_dir);
+  } else {
+    backend_ = make_cpu_backend();
+  }
   if (!options_.compression.empty()) {
     compression_ = load_compression_weights(options_.compression, c);
     have_compression_ = true;
@@ -42,6 +56,11 @@ ModelEngine::ModelEngine(const ModelEngineOptions& options, Communicator& comm) 
 }
 
 ModelEngine::~ModelEngine() = default;
+
+void ModelEngine::forward(ContextAttention& kv, std::span<const int32_t> tokens, std::vector<float>& logits) {
+  if (cuda_model_) return cuda_model_->forward_chunk(kv, tokens, logits);
+  model_->forward_chunk(kv, tokens, logits);
+}
 
 std::vector<int32_t> ModelEngine::tokenize(std::string_view text) { return tokenizer_->encode(text, true); }
 
@@ -114,7 +133,7 @@ StepStats ModelEngine::run_tokens(Context& context, std::span<const int32_t> tok
   for (size_t begin = 0; begin < tokens.size();) {
     const size_t n = std::min(tokens.size() - begin, static_cast<size_t>(options_.chunk));
     const int64_t p = context.kv->length();
-    model_->forward_chunk(*context.kv, tokens.subspan(begin, n), context.logits);
+    forward(*context.kv, tokens.subspan(begin, n), context.logits);
     context.chunks.push_back(static_cast<int64_t>(n));
     context.tokens.insert(context.tokens.end(), tokens.begin() + static_cast<std::ptrdiff_t>(begin),
                           tokens.begin() + static_cast<std::ptrdiff_t>(begin + n));
@@ -201,7 +220,7 @@ void ModelEngine::health_step() {
   const auto& bos = model_->config().bos_token_ids;
   const int32_t token = bos.empty() ? 0 : bos.front();
   std::vector<float> logits;
-  model_->forward_chunk(kv, std::span<const int32_t>(&token, 1), logits);
+  forward(kv, std::span<const int32_t>(&token, 1), logits);
   UNS_CHECK_KIND(kInternal, static_cast<int64_t>(logits.size()) == info_.vocab_size, "health step: {} logits for a vocabulary of {}",
                  logits.size(), info_.vocab_size);
 }

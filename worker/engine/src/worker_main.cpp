@@ -73,7 +73,10 @@ int main(int argc, char** argv) {
   app.add_option("--max-context-tokens", engine_options.max_context_tokens,
                  "one context's limit, prompt + generated (0: max_position_embeddings)")
       ->capture_default_str();
-  app.add_option("--backend", engine_options.backend, "compute backend (cpu)")->capture_default_str();
+  app.add_option("--backend", engine_options.backend,
+                 "compute backend: cpu, or cuda (rank r uses GPU (node-local rank) % visible GPUs)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"cpu", "cuda"}));
   app.add_option("--compression", engine_options.compression, "ESA compression weights (needed for esa and block modes)");
   app.add_option("--kv-block", engine_options.kv_block, "tokens per KV placement block across ranks")->capture_default_str();
   app.add_option("--chunk", engine_options.chunk, "longest forward pass inside one prefill call")->capture_default_str();
@@ -118,6 +121,13 @@ int main(int argc, char** argv) {
     if (!comm) comm = std::move(make_local_communicators(1).front());
     comm->set_timeout(std::chrono::milliseconds(static_cast<int64_t>(collective_timeout_s * 1000)));
     rank = comm->rank();
+    // One GPU per rank on each node: mpirun and srun say which local rank this is.
+    engine_options.device_index = rank;
+    for (const char* name : {"OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID"})
+      if (const char* local = std::getenv(name)) {
+        engine_options.device_index = std::atoi(local);
+        break;
+      }
     std::unique_ptr<ModelEngine> engine;
     try {
       engine = std::make_unique<ModelEngine>(engine_options, *comm);

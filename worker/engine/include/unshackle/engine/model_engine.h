@@ -27,6 +27,7 @@
 
 #include "unshackle/cluster/communicator.h"
 #include "unshackle/kernels/backend.h"
+#include "unshackle/model/cuda_model.h"
 #include "unshackle/model/model.h"
 #include "unshackle/model/tokenizer.h"
 #include "unshackle/worker/engine.h"
@@ -41,7 +42,9 @@ struct ModelEngineOptions {
   int64_t kv_block = 256;           // SPEC §7 placement block across ranks
   int64_t chunk = 512;              // longest forward pass inside one prefill call or a fork replay
   std::string compression;          // ESA compression weights (needed by esa and block contexts)
-  std::string backend = "cpu";      // only "cpu": Model::forward_chunk runs on host memory
+  std::string backend = "cpu";      // "cpu" (Model, host memory) or "cuda" (CudaModel on device
+                                    // device_index % visible devices, KV on that GPU)
+  int device_index = 0;             // with "cuda": usually the rank's node-local index
 };
 
 class ModelEngine final : public Engine {
@@ -86,12 +89,16 @@ class ModelEngine final : public Engine {
   Communicator& comm_;
   std::shared_ptr<const Model> model_;
   std::unique_ptr<Tokenizer> tokenizer_;
+  std::unique_ptr<CudaModel> cuda_model_;  // set with backend "cuda": the forward pass runs there
   std::unique_ptr<Backend> backend_;
   CompressionWeights compression_;
   bool have_compression_ = false;
   ModelInfo info_;
   std::map<ContextId, std::unique_ptr<Context>> contexts_;
   int64_t reserved_ = 0;  // sum of the contexts' reservations
+
+  // One forward pass through whichever model runs this rank.
+  void forward(ContextAttention& kv, std::span<const int32_t> tokens, std::vector<float>& logits);
 };
 
 }  // namespace unshackle
