@@ -23,6 +23,7 @@
 #include <optional>
 #include <thread>
 
+#include "http_client.h"
 #include "unshackle/service/wire.h"
 
 namespace unshackle {
@@ -102,45 +103,13 @@ class Coordinator {
   pid_t pid_ = -1;
 };
 
-// ---- a real HTTP client ----
+// ---- a real HTTP client (http_client.h) ----
 
-struct HttpResult {
-  int status = 0;
-  std::map<std::string, std::string> headers;
-  std::string body;
-  json json_body() const { return json::parse(body, nullptr, false); }
-  std::string error_code() const {
-    const json j = json_body();
-    return j.is_object() && j.contains("error") && j["error"]["code"].is_string() ? j["error"]["code"].get<std::string>() : "";
-  }
-};
+using live::HttpResult;
 
 HttpResult request(uint16_t port, http::verb verb, const std::string& target, const std::string& body = "",
                    const std::string& key = kKey, const std::string& content_type = "application/json") {
-  net::io_context ioc;
-  beast::tcp_stream stream(ioc);
-  stream.connect(net::ip::tcp::endpoint(net::ip::make_address("127.0.0.1"), port));
-  stream.expires_after(30s);
-  http::request<http::string_body> req{verb, target, 11};
-  req.set(http::field::host, "127.0.0.1");
-  if (!key.empty()) req.set(http::field::authorization, "Bearer " + key);
-  if (!body.empty() || verb == http::verb::post) {
-    req.set(http::field::content_type, content_type);
-    req.body() = body;
-    req.prepare_payload();
-  }
-  http::write(stream, req);
-  beast::flat_buffer buffer;
-  http::response_parser<http::string_body> parser;
-  parser.body_limit(64 << 20);
-  http::read(stream, buffer, parser);
-  HttpResult out;
-  out.status = static_cast<int>(parser.get().result_int());
-  for (const auto& field : parser.get()) out.headers[std::string(field.name_string())] = std::string(field.value());
-  out.body = parser.get().body();
-  beast::error_code ec;
-  stream.socket().shutdown(net::ip::tcp::socket::shutdown_both, ec);
-  return out;
+  return live::http_request(port, verb, target, body, key, content_type, 30s);
 }
 
 HttpResult get(uint16_t port, const std::string& target, const std::string& key = kKey) {
