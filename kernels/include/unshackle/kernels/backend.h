@@ -38,7 +38,10 @@ class Backend {
   // Whether `op` runs for storage dtype `dtype` and head dim (or compressed width) `dim`.
   virtual bool supports(Op op, DType dtype, int dim) const = 0;
 
-  // Memory in this backend's space. Blocking copies; `synchronize` waits for queued work.
+  // Memory in this backend's space; `synchronize` waits for queued work.
+  // copy_to_backend: on return the host buffer may be reused; the device copy itself may still
+  // be queued in stream order (the CUDA backend stages small uploads through pinned memory).
+  // copy_to_host: on return the host buffer holds the data (it waits for the queued work).
   virtual void* allocate(size_t bytes) = 0;
   virtual void deallocate(void* ptr) = 0;
   virtual void copy_to_backend(void* dst, const void* host_src, size_t bytes) = 0;
