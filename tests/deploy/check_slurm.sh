@@ -45,7 +45,7 @@ worker_port=$(free_port)
 key=sk-slurm-test
 PATH="$work/bin:$PATH" SLURM_JOB_NODELIST=node1 SLURM_NTASKS=2 SLURM_NTASKS_PER_NODE=2 SLURM_JOB_ID=42 \
   UNSHACKLE_MODEL="$model" UNSHACKLE_BIN="$build" UNSHACKLE_API_KEY=$key UNSHACKLE_PORT=$http_port \
-  UNSHACKLE_WORKER_PORT=$worker_port OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 \
+  UNSHACKLE_WORKER_PORT=$worker_port UNSHACKLE_BACKEND=cpu OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 \
   bash "$root/deploy/slurm/unshackle.sbatch" >"$work/job.log" 2>&1 &
 script_pid=$!
 
