@@ -113,6 +113,54 @@ TEST_F(ModelEngineTest, ReservationsStayWithinCapacity) {
   EXPECT_EQ(engine.usage().contexts, 2);  // 2 and 3 (its refused prefill left it in place)
 }
 
+// LagKV evicts during prefill and decode; a fork must carry the evicted rows and the partitions
+// already scored (ContextAttention::copy_state_from), or its decode would part from a fresh one.
+TEST_F(ModelEngineTest, ForkCarriesLagKvEvictionState) {
+  const auto prompt = seeded_tokens(40, 5);
+  const std::span<const int32_t> first = std::span<const int32_t>(prompt).first(24), rest = std::span<const int32_t>(prompt).subspan(24);
+  AttentionConfig lag = topk();
+  lag.lag = 4;
+  lag.lag_ratio = 0.5;
+  SamplingParams sampling;
+  sampling.temperature = 0.7;
+  sampling.seed = 11;
+  const int steps = 12;
+  std::vector<std::vector<int32_t>> fresh(2), forked(2);
+  std::vector<int64_t> fresh_rows(2), forked_rows(2);
+  ModelEngineOptions o = options();
+  o.kv_capacity_tokens = 200;
+  o.chunk = 24;
+  run_local_ranks(2, [&](int rank, Communicator& comm) {
+    ModelEngine engine(o, comm);
+    const auto r = static_cast<size_t>(rank);
+    const auto decode_n = [&](ContextId id, std::vector<int32_t>& out) {
+      for (int i = 0; i < steps; ++i) {
+        const DecodeResult d = engine.decode(id, sampling);
+        out.push_back(d.token);
+        if (d.end_of_sequence) break;
+      }
+    };
+    engine.create_context(1, lag, 40);
+    engine.prefill(1, first);
+    engine.prefill(1, rest);
+    engine.fork_context(1, 2, 40 + steps);
+    engine.release_context(1);  // the fork owns its copy
+    decode_n(2, forked[r]);
+    forked_rows[r] = engine.usage().kv_tokens;
+    engine.release_context(2);
+    engine.create_context(3, lag, 40 + steps);
+    engine.prefill(3, first);
+    engine.prefill(3, rest);
+    decode_n(3, fresh[r]);
+    fresh_rows[r] = engine.usage().kv_tokens;
+  });
+  ASSERT_FALSE(fresh[0].empty());
+  EXPECT_EQ(forked[0], fresh[0]);
+  EXPECT_EQ(forked[1], fresh[1]);
+  EXPECT_EQ(forked_rows, fresh_rows) << "the fork holds the rows a fresh prefill holds (evicted ones gone)";
+  EXPECT_LT(fresh_rows[0] + fresh_rows[1], 40 + static_cast<int64_t>(fresh[0].size())) << "LagKV evicted nothing";
+}
+
 // On 2 ranks: a fork continues exactly as a fresh prefill of the same chunks, decode draws the
 // tokens generate() draws, the source is unchanged by its fork, and usage adds up across ranks.
 TEST_F(ModelEngineTest, ForkAndDecodeMatchAFreshPrefillAndGenerate) {

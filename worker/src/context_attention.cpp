@@ -214,6 +214,25 @@ void ContextAttention::load_kv(int layer, const float* k, const float* v, int64_
   if (n > 0) append_chunk(layer, n, k, v);
 }
 
+void ContextAttention::copy_state_from(const ContextAttention& source) {
+  UNS_CHECK(&source != this, "ContextAttention::copy_state_from: a context cannot copy itself");
+  UNS_CHECK(source.comm_.rank() == comm_.rank() && source.comm_.size() == comm_.size(),
+            "ContextAttention::copy_state_from: the source runs on rank {} of {}, this context on rank {} of {}",
+            source.comm_.rank(), source.comm_.size(), comm_.rank(), comm_.size());
+  UNS_CHECK(options_.max_tokens <= 0 || source.length_ <= options_.max_tokens,
+            "ContextAttention::copy_state_from: the source holds {} tokens, this context takes at most {}", source.length_,
+            options_.max_tokens);
+  for (size_t l = 0; l < layer_length_.size(); ++l)
+    UNS_CHECK(source.layer_length_.at(l) == source.length_,
+              "ContextAttention::copy_state_from: the source is inside a chunk (layer {} holds {} tokens of {})", l,
+              source.layer_length_.at(l), source.length_);
+  shard_->copy_from(*source.shard_);
+  layer_length_ = source.layer_length_;
+  lag_done_ = source.lag_done_;
+  evicted_count_ = source.evicted_count_;
+  length_ = source.length_;
+}
+
 void ContextAttention::commit_chunk(int64_t l_C) {
   for (int l = 0; l < options_.layers; ++l)
     UNS_CHECK(layer_length_[static_cast<size_t>(l)] == length_ + l_C,

@@ -125,6 +125,39 @@ void KvShard::append(int layer_index, int64_t t0, int64_t n, const float* k, con
   layer.score_tokens.insert(layer.score_tokens.end(), kept.begin(), kept.end());
 }
 
+void KvShard::copy_from(const KvShard& source) {
+  const KvShardOptions& a = options_;
+  const KvShardOptions& b = source.options_;
+  UNS_CHECK(a.layers == b.layers && a.G == b.G && a.d == b.d && a.d_c == b.d_c && a.kv_dtype == b.kv_dtype &&
+                a.rank == b.rank && a.ranks == b.ranks && a.kv_block == b.kv_block && a.eps == b.eps,
+            "KvShard::copy_from: the shards differ in shape, dtype or placement");
+  const size_t half_row = kv_row_bytes() / 2, score_row = score_row_bytes();
+  for (size_t l = 0; l < layers_.size(); ++l) {
+    Layer& to = layers_[l];
+    const Layer& from = source.layers_[l];
+    const auto rows = static_cast<int64_t>(from.tokens.size());
+    const auto score_rows_n = static_cast<int64_t>(from.score_tokens.size());
+    to.tokens.clear();  // nothing to keep: growth copies no rows
+    to.score_tokens.clear();
+    reserve_kv(to, rows);
+    if (rows > 0) {
+      backend_.copy_within(to.k.data(), from.k.data(), static_cast<size_t>(rows) * half_row);
+      backend_.copy_within(to.v.data(), from.v.data(), static_cast<size_t>(rows) * half_row);
+      backend_.copy_within(to.tokens_buf.data(), from.tokens_buf.data(), static_cast<size_t>(rows) * sizeof(int64_t));
+    }
+    to.tokens = from.tokens;
+    if (options_.d_c == 0) continue;
+    reserve_score(to, score_rows_n);
+    if (score_rows_n > 0) {
+      const auto n = static_cast<size_t>(score_rows_n);
+      backend_.copy_within(to.kc.data(), from.kc.data(), n * score_row);
+      backend_.copy_within(to.score_tokens_buf.data(), from.score_tokens_buf.data(), n * sizeof(int64_t));
+      backend_.copy_within(to.candidates_buf.data(), from.candidates_buf.data(), n * sizeof(int64_t));
+    }
+    to.score_tokens = from.score_tokens;
+  }
+}
+
 void KvShard::reserve_context(int64_t tokens) {
   // This rank's share of whole blocks, plus one block for a partial one.
   const int64_t blocks = (tokens + options_.kv_block - 1) / options_.kv_block;

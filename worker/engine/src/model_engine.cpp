@@ -116,13 +116,11 @@ void ModelEngine::fork_context(ContextId source, ContextId id, int64_t reserve_t
   UNS_CHECK_KIND(kCapacity, reserve_tokens >= static_cast<int64_t>(from.tokens.size()),
                  "reserve: {} tokens is less than the {} tokens of context {}", reserve_tokens, from.tokens.size(), source);
   auto context = make_context(from.attention, reserve_tokens);
-  size_t begin = 0;
-  for (int64_t n : from.chunks) {
-    run_tokens(*context, std::span<const int32_t>(from.tokens).subspan(begin, static_cast<size_t>(n)));
-    begin += static_cast<size_t>(n);
-  }
-  UNS_CHECK_KIND(kInternal, context->tokens == from.tokens,
-                 "fork of context {}: the replay did not reproduce the source", source);
+  // A copy of the source's KV shard on this rank (device to device on a GPU): no recompute.
+  context->kv->copy_state_from(*from.kv);
+  context->tokens = from.tokens;
+  context->chunks = from.chunks;
+  context->logits = from.logits;
   contexts_[id] = std::move(context);
   reserved_ += reserve_tokens;
 }

@@ -67,6 +67,11 @@ class ContextAttention {
   // After every layer has run (or loaded) the chunk: the chunk becomes part of the context.
   void commit_chunk(int64_t l_C);
 
+  // Makes this context hold what `source` holds (its KV shard, length and LagKV progress), as
+  // if it had run the same chunks: a stored context forked without recomputing it. Both must
+  // have the same settings on the same rank (max_tokens may differ: it must cover the source).
+  void copy_state_from(const ContextAttention& source);
+
   int64_t length() const { return length_; }
   const LayerStepStats& last_stats(int layer) const { return stats_.at(static_cast<size_t>(layer)); }
   const KvShard& shard() const { return *shard_; }

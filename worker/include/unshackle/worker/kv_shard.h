@@ -53,6 +53,10 @@ class KvShard {
   // Allocates room for a context of `tokens` tokens up front (growth would copy, and briefly
   // hold both the old and the new arrays).
   void reserve_context(int64_t tokens);
+  // Makes this shard hold exactly what `source` holds (every layer's rows, tokens and keys),
+  // growing its arrays as needed; copies stay in backend memory (device to device on a GPU).
+  // The shards must have the same options (shape, dtype, rank, placement).
+  void copy_from(const KvShard& source);
   // Removes `tokens` (ascending) from owned and scoring rows of `layer`; absent ones are ignored.
   void evict(int layer, const std::vector<int64_t>& tokens);
 

@@ -12,11 +12,10 @@
 // all contexts together stay within kv_capacity_tokens, one context within max_context_tokens.
 // Past either is Error(kCapacity) and nothing changes.
 //
-// fork_context recomputes the KV of the source's tokens into the new context: it replays the
-// source's history with the same chunk boundaries (selection modes select per chunk, so the
-// boundaries matter), which gives bit-identical KV and logits. It does not copy KV buffers,
-// because ContextAttention has no copy operation; a fork therefore costs a prefill of the
-// source (compute, not a transfer). A KV copy is the obvious next step.
+// fork_context copies the source's KV shard on every rank (ContextAttention::copy_state_from:
+// rows, scoring keys, LagKV progress; device to device on a GPU) and its last logits, so a
+// stored context is prefilled once and each completion on it starts from the copy: the cost of
+// a fork is a memory copy of this rank's shard, not a prefill.
 #pragma once
 
 #include <cstdint>
@@ -40,7 +39,7 @@ struct ModelEngineOptions {
   int64_t max_context_tokens = 0;   // 0: the model's max_position_embeddings
   int64_t kv_capacity_tokens = 0;   // 0: 4 x max_context_tokens
   int64_t kv_block = 256;           // SPEC §7 placement block across ranks
-  int64_t chunk = 512;              // longest forward pass inside one prefill call or a fork replay
+  int64_t chunk = 512;              // longest forward pass inside one prefill call
   std::string compression;          // ESA compression weights (needed by esa and block contexts)
   std::string backend = "cpu";      // "cpu" (Model, host memory) or "cuda" (CudaModel on device
                                     // device_index % visible devices, KV on that GPU)
@@ -73,7 +72,7 @@ class ModelEngine final : public Engine {
     AttentionConfig attention;
     int64_t reserve = 0;
     std::unique_ptr<ContextAttention> kv;
-    std::vector<int32_t> tokens;  // every token in the context, in order (fork replays them)
+    std::vector<int32_t> tokens;  // every token in the context, in order
     std::vector<int64_t> chunks;  // lengths of the forward passes that appended them
     std::vector<float> logits;    // [vocab] of the last token; empty before the first prefill
     bool broken = false;          // a step failed half-way: only release is allowed
