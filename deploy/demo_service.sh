@@ -108,6 +108,10 @@ else
   placement="$ranks CPU ranks (no GPU found)"
 fi
 
+# The context may run past the model's trained length (max_position_embeddings; 512 for
+# needle-llama): selective attention with its positions is what lets it read far past it.
+worker_flags+=(--max-context-tokens "$((tokens + max_tokens + 1024))")
+
 # ESA scores with compressed queries/keys and needs the model's compression weights; without
 # them the demo selects the top-k middle tokens by exact scores (same I, L and k).
 if [ -f "$model/compression.safetensors" ]; then
