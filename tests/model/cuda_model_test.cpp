@@ -17,16 +17,6 @@
 namespace unshackle::testing {
 namespace {
 
-std::vector<int32_t> prompt_of(size_t n, int64_t vocab, uint64_t seed) {
-  std::vector<int32_t> t(n);
-  uint64_t s = seed;
-  for (auto& x : t) {
-    s = s * 6364136223846793005ull + 1442695040888963407ull;
-    x = static_cast<int32_t>((s >> 33) % static_cast<uint64_t>(vocab));
-  }
-  return t;
-}
-
 double relative_error(const std::vector<float>& got, const std::vector<float>& want) {
   double num = 0, den = 0;
   for (size_t i = 0; i < want.size(); ++i) {
@@ -104,7 +94,7 @@ TEST_P(CudaVsCpu, LogitsAndGreedyTokens) {
   const auto model = Model::load(dir.path());
   ASSERT_EQ(model->config().head_dim, 64);
   EXPECT_EQ(CudaModel::default_weight_dtype(model->config()), c.dtype);
-  const auto prompt = prompt_of(45, model->config().vocab, 4);
+  const auto prompt = seeded_tokens(45, model->config().vocab, 4);
   GenerateOptions o;
   o.max_tokens = 16;
   o.chunk = 16;  // three prefill chunks
@@ -150,7 +140,7 @@ TEST(CudaModel, TwoRanksOnOneGpuEqualOneRankAndSparseModeRuns) {
   m.kv_heads = 2;
   make_model(m, dir.path());
   const auto model = Model::load(dir.path());
-  const auto prompt = prompt_of(80, model->config().vocab, 9);
+  const auto prompt = seeded_tokens(80, model->config().vocab, 9);
   GenerateOptions o;
   o.max_tokens = 10;
   o.chunk = 32;

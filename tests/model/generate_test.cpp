@@ -26,16 +26,6 @@ Error expect_error(Fn&& fn) {
   return Error(ErrorKind::kInternal, "");
 }
 
-std::vector<int32_t> prompt_of(size_t n, int64_t vocab, uint64_t seed) {
-  std::vector<int32_t> t(n);
-  uint64_t s = seed;
-  for (auto& x : t) {
-    s = s * 6364136223846793005ull + 1442695040888963407ull;
-    x = static_cast<int32_t>((s >> 33) % static_cast<uint64_t>(vocab));
-  }
-  return t;
-}
-
 GenerateResult run(const Model& model, std::span<const int32_t> prompt, const GenerateOptions& options,
                    AttentionConfig attention = {.mode = AttentionMode::kFull},
                    const CompressionWeights* compression = nullptr, const Tokenizer* tokenizer = nullptr) {
@@ -54,7 +44,7 @@ TEST_P(GenerateEveryArch, GreedyAndSeededSamplingAreDeterministic) {
   ScratchDir dir(GetParam());
   make_model(small_model(GetParam()), dir.path());
   const auto model = Model::load(dir.path());
-  const auto prompt = prompt_of(20, model->config().vocab, 3);
+  const auto prompt = seeded_tokens(20, model->config().vocab, 3);
   GenerateOptions o;
   o.max_tokens = 16;
   o.chunk = 7;
@@ -155,7 +145,7 @@ TEST(Modes, ExactTopkEqualsEsaWithExactCompressionAndSelectsAllOfM) {
   make_model(small_model("llama3"), dir.path());
   const auto model = Model::load(dir.path());
   const ModelConfig& c = model->config();
-  const auto prompt = prompt_of(70, c.vocab, 8);
+  const auto prompt = seeded_tokens(70, c.vocab, 8);
   const CompressionWeights exact = exact_compression(c);
   GenerateOptions o;
   o.max_tokens = 10;

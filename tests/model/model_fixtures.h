@@ -3,12 +3,26 @@
 
 #include <unistd.h>
 
+#include <cstdint>
 #include <filesystem>
 #include <string>
+#include <vector>
 
 #include "unshackle/model/make_model.h"
 
 namespace unshackle::testing {
+
+// n token ids in [0, vocab) from a 64-bit LCG seeded with `seed`: prompts that differ per seed
+// and are the same on every run and rank.
+inline std::vector<int32_t> seeded_tokens(size_t n, int64_t vocab, uint64_t seed) {
+  std::vector<int32_t> t(n);
+  uint64_t s = seed;
+  for (auto& x : t) {
+    s = s * 6364136223846793005ull + 1442695040888963407ull;
+    x = static_cast<int32_t>((s >> 33) % static_cast<uint64_t>(vocab));
+  }
+  return t;
+}
 
 // A fresh directory under the system temp dir, removed at scope end.
 class ScratchDir {

@@ -131,16 +131,6 @@ double rel_error(const std::vector<A>& got, const std::vector<B>& want) {
   return std::sqrt(num / den);
 }
 
-std::vector<int32_t> seeded_tokens(size_t n, int64_t vocab, uint64_t seed) {
-  std::vector<int32_t> t(n);
-  uint64_t s = seed;
-  for (auto& x : t) {
-    s = s * 6364136223846793005ull + 1442695040888963407ull;
-    x = static_cast<int32_t>((s >> 33) % static_cast<uint64_t>(vocab));
-  }
-  return t;
-}
-
 // Logits of every position of `tokens`, run in chunks, full attention on one local rank.
 std::vector<float> run_logits(const Model& model, const std::vector<int32_t>& tokens, int64_t chunk,
                               AttentionConfig attention = {.mode = AttentionMode::kFull},

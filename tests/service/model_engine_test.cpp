@@ -57,6 +57,15 @@ ErrorKind kind_of(const std::function<void()>& f) {
   return ErrorKind::kInternal;
 }
 
+// Decodes up to `steps` tokens of context `id` into `out`, stopping after an end-of-sequence token.
+void decode_into(ModelEngine& engine, ContextId id, const SamplingParams& sampling, int steps, std::vector<int32_t>& out) {
+  for (int i = 0; i < steps; ++i) {
+    const DecodeResult d = engine.decode(id, sampling);
+    out.push_back(d.token);
+    if (d.end_of_sequence) break;
+  }
+}
+
 std::vector<int32_t> seeded_tokens(size_t n, uint32_t seed) {
   std::vector<int32_t> t(n);
   uint64_t x = seed;
@@ -133,13 +142,7 @@ TEST_F(ModelEngineTest, ForkCarriesLagKvEvictionState) {
   run_local_ranks(2, [&](int rank, Communicator& comm) {
     ModelEngine engine(o, comm);
     const auto r = static_cast<size_t>(rank);
-    const auto decode_n = [&](ContextId id, std::vector<int32_t>& out) {
-      for (int i = 0; i < steps; ++i) {
-        const DecodeResult d = engine.decode(id, sampling);
-        out.push_back(d.token);
-        if (d.end_of_sequence) break;
-      }
-    };
+    const auto decode_n = [&](ContextId id, std::vector<int32_t>& out) { decode_into(engine, id, sampling, steps, out); };
     engine.create_context(1, lag, 40);
     engine.prefill(1, first);
     engine.prefill(1, rest);
@@ -178,13 +181,7 @@ TEST_F(ModelEngineTest, ForkAndDecodeMatchAFreshPrefillAndGenerate) {
   run_local_ranks(2, [&](int rank, Communicator& comm) {
     ModelEngine engine(o, comm);
     const auto r = static_cast<size_t>(rank);
-    const auto decode_n = [&](ContextId id, std::vector<int32_t>& out) {
-      for (int i = 0; i < steps; ++i) {
-        const DecodeResult d = engine.decode(id, sampling);
-        out.push_back(d.token);
-        if (d.end_of_sequence) break;
-      }
-    };
+    const auto decode_n = [&](ContextId id, std::vector<int32_t>& out) { decode_into(engine, id, sampling, steps, out); };
     engine.create_context(1, topk(), 40);
     engine.prefill(1, first);
     engine.prefill(1, rest);
