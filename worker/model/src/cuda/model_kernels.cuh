@@ -5,25 +5,14 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "common.cuh"  // kernels/cuda: load_as_float, store_from_float
 #include "model_kernels.h"
 
 namespace unshackle::cuda_model {
 
-__device__ __forceinline__ float load_float(const void* base, DType dtype, int64_t i) {
-  switch (dtype) {
-    case DType::kBF16: return __bfloat162float(static_cast<const __nv_bfloat16*>(base)[i]);
-    case DType::kF16: return __half2float(static_cast<const __half*>(base)[i]);
-    default: return static_cast<const float*>(base)[i];
-  }
-}
-
-__device__ __forceinline__ void store_float(void* base, DType dtype, int64_t i, float value) {
-  switch (dtype) {
-    case DType::kBF16: static_cast<__nv_bfloat16*>(base)[i] = __float2bfloat16_rn(value); break;
-    case DType::kF16: static_cast<__half*>(base)[i] = __float2half_rn(value); break;
-    default: static_cast<float*>(base)[i] = value; break;
-  }
-}
+// Element loads and stores by dtype: the kernels' own helpers (kernels/cuda/common.cuh).
+using cuda::load_as_float;
+using cuda::store_from_float;
 
 __device__ __forceinline__ int64_t grid_index() {
   return static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -33,7 +22,7 @@ __device__ __forceinline__ int64_t grid_stride() { return static_cast<int64_t>(g
 __global__ void gather_kernel(GatherParams p) {
   for (int64_t i = grid_index(); i < p.n * p.D; i += grid_stride()) {
     const int64_t t = i / p.D, c = i % p.D;
-    p.out[i] = load_float(p.table, p.table_dtype, static_cast<int64_t>(p.ids[t]) * p.D + c);
+    p.out[i] = load_as_float(p.table, p.table_dtype, static_cast<int64_t>(p.ids[t]) * p.D + c);
   }
 }
 
@@ -56,7 +45,7 @@ __global__ void rms_norm_kernel(RmsNormParams p) {
   // rsqrtf is ~2 ulp; 1/sqrtf keeps the fp32 path within the 1e-4 parity bound with margin.
   const float scale = 1.0f / sqrtf(partial[0] / static_cast<float>(p.D) + p.eps);
   const int64_t row = static_cast<int64_t>(blockIdx.x) * p.D;
-  for (int64_t c = threadIdx.x; c < p.D; c += blockDim.x) store_float(p.out, p.out_dtype, row + c, p.weight[c] * (x[c] * scale));
+  for (int64_t c = threadIdx.x; c < p.D; c += blockDim.x) store_from_float(p.out, p.out_dtype, row + c, p.weight[c] * (x[c] * scale));
 }
 
 __global__ void split_qkv_kernel(SplitQkvParams p) {
@@ -86,12 +75,12 @@ __global__ void swiglu_kernel(SwigluParams p) {
     const float g = p.gate_up[r * 2 * p.I + c] + (p.b_gate ? p.b_gate[c] : 0.0f);
     const float u = p.gate_up[r * 2 * p.I + p.I + c] + (p.b_up ? p.b_up[c] : 0.0f);
     // expf, not __expf: silu's fp32 rounding matches the CPU's std::exp to ~1 ulp.
-    store_float(p.out, p.out_dtype, i, g / (1.0f + expf(-g)) * u);
+    store_from_float(p.out, p.out_dtype, i, g / (1.0f + expf(-g)) * u);
   }
 }
 
 __global__ void cast_kernel(CastParams p) {
-  for (int64_t i = grid_index(); i < p.count; i += grid_stride()) store_float(p.out, p.out_dtype, i, p.in[i]);
+  for (int64_t i = grid_index(); i < p.count; i += grid_stride()) store_from_float(p.out, p.out_dtype, i, p.in[i]);
 }
 
 }  // namespace unshackle::cuda_model
