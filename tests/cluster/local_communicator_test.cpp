@@ -102,16 +102,21 @@ TEST_P(LocalComm, SharedCollectiveChecks) {
 INSTANTIATE_TEST_SUITE_P(Ranks, LocalComm, ::testing::Values(1, 2, 3, 4));
 
 // Ranks in `absent` never call all_gather; every other rank must throw kTimeout naming
-// exactly them within timeout + slack, and any later call on any rank throws kComm at once.
+// exactly them after the timeout, and any later call on any rank throws kComm at once.
+// Bounds are loose on purpose: CI runs this beside other tests on 2 cores, where a thread
+// can wait hundreds of ms for a core. The present ranks meet at a latch first so that none
+// can arrive after another's deadline (it would then, correctly, see kComm, not kTimeout);
+// "at once" is checked against a 30 s timeout, so it cannot pass by waiting.
 void check_timeout(int ranks, const std::vector<int>& absent, const std::string& named) {
-  const auto timeout = std::chrono::milliseconds(300);
+  const auto timeout = std::chrono::milliseconds(1000);
   std::vector<std::string> errors(static_cast<size_t>(ranks)), later(static_cast<size_t>(ranks));
   std::vector<ErrorKind> kinds(static_cast<size_t>(ranks), ErrorKind::kInternal);
   std::vector<double> seconds(static_cast<size_t>(ranks)), later_seconds(static_cast<size_t>(ranks));
   const auto seconds_since = [](std::chrono::steady_clock::time_point start) {
     return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   };
-  std::atomic<int> finished{0};
+  std::atomic<int> finished{0}, arrived{0};
+  const int present = ranks - static_cast<int>(absent.size());
   run_local_ranks(ranks, [&](int rank, Communicator& comm) {
     comm.set_timeout(timeout);
     const bool gone = std::find(absent.begin(), absent.end(), rank) != absent.end();
@@ -119,6 +124,8 @@ void check_timeout(int ranks, const std::vector<int>& absent, const std::string&
     if (!gone) {
       std::vector<int32_t> all(static_cast<size_t>(ranks));
       const int32_t mine = rank;
+      ++arrived;
+      while (arrived.load() < present) std::this_thread::yield();
       const auto start = std::chrono::steady_clock::now();
       try {
         comm.all_gather(&mine, all.data(), sizeof mine);
@@ -129,8 +136,9 @@ void check_timeout(int ranks, const std::vector<int>& absent, const std::string&
       seconds[r] = seconds_since(start);
       ++finished;
     } else {
-      while (finished.load() < ranks - static_cast<int>(absent.size())) std::this_thread::yield();
+      while (finished.load() < present) std::this_thread::yield();
     }
+    comm.set_timeout(std::chrono::seconds(30));
     const auto start = std::chrono::steady_clock::now();
     try {  // the absent ranks too: the group is broken for everyone
       comm.barrier();
@@ -145,12 +153,12 @@ void check_timeout(int ranks, const std::vector<int>& absent, const std::string&
     const auto r = static_cast<size_t>(rank);
     if (std::find(absent.begin(), absent.end(), rank) == absent.end()) {
       EXPECT_EQ(kinds[r], ErrorKind::kTimeout) << "rank " << rank << ": " << errors[r];
-      EXPECT_EQ(errors[r], "all_gather timed out after 300 ms waiting for rank " + named) << "rank " << rank;
-      EXPECT_GE(seconds[r], 0.29) << "rank " << rank;
-      EXPECT_LT(seconds[r], 1.5) << "rank " << rank;
+      EXPECT_EQ(errors[r], "all_gather timed out after 1000 ms waiting for rank " + named) << "rank " << rank;
+      EXPECT_GE(seconds[r], 0.99) << "rank " << rank;
+      EXPECT_LT(seconds[r], 10.0) << "rank " << rank;
     }
     EXPECT_NE(later[r].find("communicator is broken: all_gather timed out"), std::string::npos) << later[r];
-    EXPECT_LT(later_seconds[r], 0.05) << "rank " << rank << ": later calls must fail at once";
+    EXPECT_LT(later_seconds[r], 5.0) << "rank " << rank << ": later calls must fail at once, not after the 30 s timeout";
   }
 }
 
