@@ -309,6 +309,8 @@ struct StepOut {
   std::vector<int64_t> middle;    // surviving M tokens, ascending
   Vec rank_score;                 // per `middle` token: F' (esa, exact-topk) or its block's score
   double score_scale = 0;         // max |s(m, c)| over M and C: the size of the scores' rounding
+  // Softmax mass on I, M_k and L ∪ C, mean over (chunk token, head); all 0 in `full` mode.
+  double share_initial = 0, share_selected = 0, share_local = 0;
 };
 
 // `forced` (optional) replaces the selection when computing o: to price a near-tie.
@@ -395,11 +397,14 @@ inline StepOut step(const StepCase& input, const Choices& choices = {}, const st
         parts.push_back(softmax_attend(rope(s.query(q, h), s.d, static_cast<double>(q_token), s.inv), s.d, keys,
                                        q_token, true, s.inv));
       } else {
-        // global part: I ∪ M_k, keys unrotated, query at w, non-causal
-        std::vector<Key> global;
-        for (int64_t t = 0; t < seg.i_end; ++t) global.push_back({s.key(t, g), s.value(t, g), t, NAN});
-        for (int64_t t : selected) global.push_back({s.key(t, g), s.value(t, g), t, NAN});
-        parts.push_back(softmax_attend(rope(s.query(q, h), s.d, s.w(), s.inv), s.d, global, q_token, false, s.inv));
+        // global part: I ∪ M_k, keys unrotated, query at w, non-causal; attended as I and
+        // M_k apart (the same result after the merge) so that each part's mass is known
+        std::vector<Key> initial, middle;
+        for (int64_t t = 0; t < seg.i_end; ++t) initial.push_back({s.key(t, g), s.value(t, g), t, NAN});
+        for (int64_t t : selected) middle.push_back({s.key(t, g), s.value(t, g), t, NAN});
+        const Vec q_global = rope(s.query(q, h), s.d, s.w(), s.inv);
+        parts.push_back(softmax_attend(q_global, s.d, initial, q_token, false, s.inv));
+        parts.push_back(softmax_attend(q_global, s.d, middle, q_token, false, s.inv));
         // local part: L ∪ C, positions from s0, causal inside C
         std::vector<Key> local;
         for (int64_t t = seg.s0; t < n_tok; ++t)
@@ -407,7 +412,13 @@ inline StepOut step(const StepCase& input, const Choices& choices = {}, const st
         parts.push_back(softmax_attend(rope(s.query(q, h), s.d, static_cast<double>(q_token - seg.s0), s.inv), s.d,
                                        local, q_token, true, s.inv));
       }
-      const Vec o = lse_merge(parts, s.d).first;
+      const auto [o, lse] = lse_merge(parts, s.d);
+      if (parts.size() == 3) {
+        const double rows = static_cast<double>(s.l_C) * s.H;
+        out.share_initial += std::exp(parts[0].second - lse) / rows;
+        out.share_selected += std::exp(parts[1].second - lse) / rows;
+        out.share_local += std::exp(parts[2].second - lse) / rows;
+      }
       std::copy(o.begin(), o.end(), out.o.begin() + static_cast<std::ptrdiff_t>((at(q) * at(s.H) + at(h)) * at(s.d)));
     }
   }

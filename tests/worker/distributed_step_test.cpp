@@ -7,6 +7,7 @@
 
 #include "unshackle/common/check.h"
 
+#include "naive_spec.h"
 #include "scenario.h"
 
 namespace unshackle::testing {
@@ -70,6 +71,72 @@ std::string scenario_name(const ::testing::TestParamInfo<std::tuple<int, int>>& 
 
 INSTANTIATE_TEST_SUITE_P(AllModes, DistributedStep,
                          ::testing::Combine(::testing::Values(1, 2, 3, 4), ::testing::Range(0, 10)), scenario_name);
+
+// Where the attention went (the metric of the selection statistics): the softmax mass on I,
+// M_k and L ∪ C measured by the distributed step equals SPEC's attention recomputed in
+// float64 (support/naive_spec.h), on every rank alike; measuring leaves o as the oracle's.
+class AttentionShareTest : public ::testing::TestWithParam<std::tuple<int, int>> {};
+
+TEST_P(AttentionShareTest, EqualsFloat64AttentionOnEveryRank) {
+  const auto [ranks, scenario_index] = GetParam();
+  const Scenario s = all_scenarios().at(static_cast<size_t>(scenario_index));
+  SCOPED_TRACE(s.name() + " P=" + std::to_string(ranks));
+  std::vector<std::vector<std::vector<StepRecord>>> per_rank(static_cast<size_t>(ranks));
+  run_local_ranks(ranks, [&](int rank, Communicator& comm) {
+    auto backend = make_cpu_backend();
+    per_rank[static_cast<size_t>(rank)] = run_scenario(s, *backend, comm, /*measure_share=*/true);
+  });
+  int64_t p = 0;
+  double most_selected = 0;
+  for (size_t step = 0; step < s.chunks.size(); ++step) {
+    const int64_t l_C = s.chunks[step];
+    for (int layer = 0; layer < s.layers; ++layer) {
+      SCOPED_TRACE("step " + std::to_string(step) + " layer " + std::to_string(layer));
+      const StepRecord& got = per_rank[0][step][static_cast<size_t>(layer)];
+      const naive::StepOut want = naive::step(step_case(s, p, l_C, layer));
+      ASSERT_TRUE(got.share.measured);
+      EXPECT_NEAR(got.share.initial, want.share_initial, 1e-5);
+      EXPECT_NEAR(got.share.selected, want.share_selected, 1e-5);
+      EXPECT_NEAR(got.share.local, want.share_local, 1e-5);
+      EXPECT_NEAR(got.share.initial + got.share.selected + got.share.local, 1.0, 1e-5);
+      EXPECT_LT(relative_error(got.o, oracle_step(s, p, l_C, layer).o), tolerance::kDistributed);
+      for (int r = 1; r < ranks; ++r) {
+        const StepRecord& other = per_rank[static_cast<size_t>(r)][step][static_cast<size_t>(layer)];
+        EXPECT_EQ(other.share.initial, got.share.initial) << "rank " << r;
+        EXPECT_EQ(other.share.selected, got.share.selected) << "rank " << r;
+        EXPECT_EQ(other.share.local, got.share.local) << "rank " << r;
+        EXPECT_EQ(other.o, got.o) << "rank " << r;
+      }
+      most_selected = std::max(most_selected, got.share.selected);
+    }
+    p += l_C;
+  }
+  // Cannot pass with the mass all in one place: selection modes put some on M_k.
+  if (s.config.selects()) {
+    EXPECT_GT(most_selected, 0.05);
+  } else {
+    EXPECT_EQ(most_selected, 0.0);
+  }
+}
+
+std::string share_name(const ::testing::TestParamInfo<std::tuple<int, int>>& param_info) {
+  return scenario_name(param_info);
+}
+
+// esa, exact-topk + lagkv, streaming, block (scenario order: mode-major, lagkv off/on).
+INSTANTIATE_TEST_SUITE_P(SelectionModes, AttentionShareTest,
+                         ::testing::Combine(::testing::Values(1, 2, 3), ::testing::Values(2, 5, 6, 8)), share_name);
+
+TEST(AttentionShareTest, FullModeIsNotMeasured) {
+  Scenario s = all_scenarios().at(0);
+  ASSERT_EQ(s.config.mode, AttentionMode::kFull);
+  s.chunks = {20, 1};
+  run_local_ranks(1, [&](int, Communicator& comm) {
+    auto backend = make_cpu_backend();
+    for (const auto& step : run_scenario(s, *backend, comm, true))
+      for (const StepRecord& layer : step) EXPECT_FALSE(layer.share.measured);
+  });
+}
 
 }  // namespace
 }  // namespace unshackle::testing

@@ -55,15 +55,18 @@ struct Scenario {
 struct StepRecord {
   std::vector<float> o;
   std::vector<int64_t> selected, evicted;
+  AttentionShare share;
 };
 
 // Runs the whole scenario on this rank; returns records[step][layer].
-inline std::vector<std::vector<StepRecord>> run_scenario(const Scenario& s, Backend& backend, Communicator& comm) {
+inline std::vector<std::vector<StepRecord>> run_scenario(const Scenario& s, Backend& backend, Communicator& comm,
+                                                         bool measure_share = false) {
   const CompressionWeights cw = s.compression();
   ContextAttentionOptions options{.attention = s.config, .layers = s.layers, .H = s.H, .G = s.G, .d = s.d,
                                   .kv_dtype = DType::kF32, .kv_block = s.kv_block,
                                   .inv_freq = rope_inv_freq(s.d, s.rope_theta), .compression = &cw};
   ContextAttention attention(backend, comm, options);
+  attention.measure_attention_share(measure_share);
   std::vector<std::vector<StepRecord>> records;
   int64_t p = 0;
   for (int64_t l_C : s.chunks) {
@@ -75,6 +78,7 @@ inline std::vector<std::vector<StepRecord>> run_scenario(const Scenario& s, Back
       attention.forward(layer, q.data(), k.data(), v.data(), l_C, record.o.data());
       record.selected = attention.last_stats(layer).selected;
       record.evicted = attention.last_stats(layer).evicted;
+      record.share = attention.last_stats(layer).share;
       per_layer.push_back(std::move(record));
     }
     attention.commit_chunk(l_C);
@@ -84,8 +88,8 @@ inline std::vector<std::vector<StepRecord>> run_scenario(const Scenario& s, Back
   return records;
 }
 
-// The oracle for (step, layer): reference_step over all tokens [0, p + l_C).
-inline StepResult oracle_step(const Scenario& s, int64_t p, int64_t l_C, int layer) {
+// The step (step, layer) as one case over all tokens [0, p + l_C).
+inline StepCase step_case(const Scenario& s, int64_t p, int64_t l_C, int layer) {
   const CompressionWeights cw = s.compression();
   StepCase step;
   step.p = p;
@@ -103,7 +107,12 @@ inline StepResult oracle_step(const Scenario& s, int64_t p, int64_t l_C, int lay
   }
   step.config = s.config;
   step.rope_theta = s.rope_theta;
-  return reference_step(step);
+  return step;
+}
+
+// The oracle for (step, layer): reference_step over all tokens [0, p + l_C).
+inline StepResult oracle_step(const Scenario& s, int64_t p, int64_t l_C, int layer) {
+  return reference_step(step_case(s, p, l_C, layer));
 }
 
 inline std::vector<Scenario> all_scenarios() {

@@ -459,6 +459,11 @@ void ContextAttention::attend_and_merge(int layer, const Segments& seg, const fl
   const int64_t out_rows = seg.l_C * options_.H;
   const size_t o_count = static_cast<size_t>(out_rows) * options_.d;
   const size_t part_floats = o_count + static_cast<size_t>(out_rows);  // [o | lse]
+  // Measuring the share splits the global part into I and M_k and sends each rank's three
+  // partial lse after its [o | lse]: [o | lse | lse_I | lse_M | lse_L].
+  const bool share = measure_share_ && cfg.mode != AttentionMode::kFull;
+  const int n_parts = share ? 3 : 2;
+  const size_t send_floats = part_floats + (share ? 3 * static_cast<size_t>(out_rows) : 0);
   const auto* tokens = reinterpret_cast<const int64_t*>(store.tokens_buf.data());
 
   AttendParams attend{.q = q, .q_token0 = seg.p, .k = store.k.data(), .v = store.v.data(), .kv_dtype = options_.kv_dtype,
@@ -473,7 +478,7 @@ void ContextAttention::attend_and_merge(int layer, const Segments& seg, const fl
     attend.n = r1 - r0;
   };
 
-  BackendBuffer& send = scratch(kSend, part_floats * sizeof(float));
+  BackendBuffer& send = scratch(kSend, send_floats * sizeof(float));
   if (cfg.mode == AttentionMode::kFull) {  // causal over everything, absolute positions
     const auto [r0, r1] = shard_->owned_rows(layer, 0, seg.c_end);
     contiguous(r0, r1);
@@ -485,9 +490,9 @@ void ContextAttention::attend_and_merge(int layer, const Segments& seg, const fl
     backend_.attend(attend);
     stats.attended_local_rows = r1 - r0;
   } else {
-    BackendBuffer& parts = scratch(kParts, 2 * part_floats * sizeof(float));
+    BackendBuffer& parts = scratch(kParts, static_cast<size_t>(n_parts) * part_floats * sizeof(float));
     float* o_parts = parts.as<float>();
-    float* lse_parts = o_parts + 2 * o_count;
+    float* lse_parts = o_parts + static_cast<size_t>(n_parts) * o_count;
     // Global part: owned rows of I ∪ M_k; keys unrotated, queries at w, non-causal. The row
     // list is built in a reused host vector; the CUDA backend queues its copy through pinned
     // staging (no host wait).
@@ -512,18 +517,29 @@ void ContextAttention::attend_and_merge(int layer, const Segments& seg, const fl
     attend.query_position = cfg.global_query_position();
     attend.o = o_parts;
     attend.lse = lse_parts;
+    if (share) {  // I alone into part 0, M_k alone into part 1 (the same keys, split in two)
+      const int64_t n_initial = i1 - i0;
+      attend.n = n_initial;
+      backend_.attend(attend);
+      attend.rows = row_buffer.as<int32_t>() + n_initial;
+      attend.n = static_cast<int64_t>(rows.size()) - n_initial;
+      attend.o = o_parts + o_count;
+      attend.lse = lse_parts + out_rows;
+    }
     backend_.attend(attend);
-    // Local part: owned rows of L ∪ C; positions from s0, causal inside C.
+    // Local part (the last): owned rows of L ∪ C; positions from s0, causal inside C.
     const auto [l0, l1] = shard_->owned_rows(layer, seg.s0(), seg.c_end);
     contiguous(l0, l1);
     attend.causal = true;
     attend.positions = PositionScheme::kRelative;
     attend.origin = seg.s0();
-    attend.o = o_parts + o_count;
-    attend.lse = lse_parts + out_rows;
+    attend.o = o_parts + static_cast<size_t>(n_parts - 1) * o_count;
+    attend.lse = lse_parts + static_cast<size_t>(n_parts - 1) * static_cast<size_t>(out_rows);
     backend_.attend(attend);
-    backend_.merge({.o_parts = o_parts, .lse_parts = lse_parts, .n_parts = 2, .rows = out_rows, .d = options_.d,
-                    .o = send.as<float>(), .lse = send.as<float>() + o_count});
+    backend_.merge({.o_parts = o_parts, .lse_parts = lse_parts, .n_parts = n_parts, .rows = out_rows,
+                    .d = options_.d, .o = send.as<float>(), .lse = send.as<float>() + o_count});
+    if (share)
+      backend_.copy_within(send.as<float>() + part_floats, lse_parts, 3 * static_cast<size_t>(out_rows) * sizeof(float));
     stats.attended_local_rows = static_cast<int64_t>(rows.size()) + (l1 - l0);
   }
 
@@ -532,19 +548,51 @@ void ContextAttention::attend_and_merge(int layer, const Segments& seg, const fl
   if (P == 1) {  // [o | lse] already is the one-part layout: merge in place of gather + copies
     backend_.merge({.o_parts = send.as<float>(), .lse_parts = send.as<float>() + o_count, .n_parts = 1,
                     .rows = out_rows, .d = options_.d, .o = o});
+    if (share) record_share(send.as<float>(), 1, send_floats, o_count, out_rows, stats);
     return;
   }
-  BackendBuffer& gathered = scratch(kGathered, part_floats * static_cast<size_t>(P) * sizeof(float));
-  all_gather(send.data(), gathered.data(), part_floats * sizeof(float), stats);
+  BackendBuffer& gathered = scratch(kGathered, send_floats * static_cast<size_t>(P) * sizeof(float));
+  all_gather(send.data(), gathered.data(), send_floats * sizeof(float), stats);
+  if (share) record_share(gathered.as<float>(), P, send_floats, o_count, out_rows, stats);
   BackendBuffer& merge_parts = scratch(kMergeParts, part_floats * static_cast<size_t>(P) * sizeof(float));
   float* o_all = merge_parts.as<float>();
   float* lse_all = o_all + o_count * static_cast<size_t>(P);
   for (int r = 0; r < P; ++r) {
-    const float* part = gathered.as<float>() + part_floats * static_cast<size_t>(r);
+    const float* part = gathered.as<float>() + send_floats * static_cast<size_t>(r);
     backend_.copy_within(o_all + o_count * static_cast<size_t>(r), part, o_count * sizeof(float));
     backend_.copy_within(lse_all + static_cast<size_t>(out_rows) * r, part + o_count, static_cast<size_t>(out_rows) * sizeof(float));
   }
   backend_.merge({.o_parts = o_all, .lse_parts = lse_all, .n_parts = P, .rows = out_rows, .d = options_.d, .o = o});
+}
+
+// The softmax mass on I, M_k and L ∪ C from every rank's payload [o | lse | lse_I | lse_M |
+// lse_L] (`ranks` payloads of `stride` floats, backend memory): per query row the mass of a
+// part is sum over ranks of exp(lse_part - lse_total), lse_total the log-sum-exp of the
+// ranks' merged lse; the stat is the mean over rows. Identical on every rank.
+void ContextAttention::record_share(const float* payloads, int ranks, size_t stride, size_t o_count, int64_t out_rows,
+                                    LayerStepStats& stats) {
+  const auto rows = static_cast<size_t>(out_rows);
+  std::vector<float> lse(static_cast<size_t>(ranks) * 4 * rows);  // per rank [lse | lse_I | lse_M | lse_L]
+  for (int r = 0; r < ranks; ++r)
+    backend_.copy_to_host(lse.data() + static_cast<size_t>(r) * 4 * rows, payloads + static_cast<size_t>(r) * stride + o_count,
+                          4 * rows * sizeof(float));
+  double mass[3] = {0, 0, 0};
+  int64_t counted = 0;
+  for (size_t i = 0; i < rows; ++i) {
+    double top = -std::numeric_limits<double>::infinity();
+    for (int r = 0; r < ranks; ++r) top = std::max(top, static_cast<double>(lse[static_cast<size_t>(r) * 4 * rows + i]));
+    if (std::isinf(top)) continue;  // no visible key (cannot happen: a query sees itself)
+    double z = 0;
+    for (int r = 0; r < ranks; ++r) z += std::exp(static_cast<double>(lse[static_cast<size_t>(r) * 4 * rows + i]) - top);
+    const double total = top + std::log(z);
+    for (int part = 0; part < 3; ++part)
+      for (int r = 0; r < ranks; ++r)
+        mass[part] += std::exp(static_cast<double>(lse[(static_cast<size_t>(r) * 4 + 1 + static_cast<size_t>(part)) * rows + i]) - total);
+    ++counted;
+  }
+  if (counted == 0) return;
+  const auto n = static_cast<double>(counted);
+  stats.share = {.measured = true, .initial = mass[0] / n, .selected = mass[1] / n, .local = mass[2] / n};
 }
 
 // ---------------------------------------------------------------------------------------

@@ -41,12 +41,22 @@ struct ContextAttentionOptions {
   std::function<void(int layer, const float* q, const float* k, int64_t l_C, int64_t first)> observer = {};
 };
 
+// Where a layer step's attention went: the softmax mass of each query on the initial tokens
+// I, the selected middle tokens M_k and the local window L ∪ C, averaged over the chunk's
+// queries and heads (the three sum to 1). Measured only on steps that ask for it
+// (ContextAttention::measure_attention_share) and never in `full` mode.
+struct AttentionShare {
+  bool measured = false;
+  double initial = 0, selected = 0, local = 0;
+};
+
 // What one layer step did, for tests, the case tool and metrics.
 struct LayerStepStats {
   std::vector<int64_t> selected;    // global M_k, ascending
   std::vector<int64_t> evicted;     // tokens this step evicted (ascending)
   int64_t attended_local_rows = 0;  // rows this rank attended (global + local part)
   double collective_seconds = 0;    // wall time inside communicator calls
+  AttentionShare share;
 };
 
 class ContextAttention {
@@ -72,6 +82,12 @@ class ContextAttention {
   // have the same settings on the same rank (max_tokens may differ: it must cover the source).
   void copy_state_from(const ContextAttention& source);
 
+  // Steps from now on (until turned off) also measure where the attention mass went
+  // (LayerStepStats::share). It costs one more partial attention over I, a few more bytes
+  // in the partials' all-gather and, on a GPU, a wait for the step. Every rank of the group
+  // must make the same choice for the same step (the gathered payload's size depends on it).
+  void measure_attention_share(bool on) { measure_share_ = on; }
+
   int64_t length() const { return length_; }
   const LayerStepStats& last_stats(int layer) const { return stats_.at(static_cast<size_t>(layer)); }
   const KvShard& shard() const { return *shard_; }
@@ -88,6 +104,8 @@ class ContextAttention {
                                      LayerStepStats& stats);
   void attend_and_merge(int layer, const Segments& seg, const float* q, const std::vector<int64_t>& selected_mine,
                         float* o, LayerStepStats& stats);
+  void record_share(const float* payloads, int ranks, size_t stride, size_t o_count, int64_t out_rows,
+                    LayerStepStats& stats);
   // Collectives on buffers in backend memory (staged through the communicator's memory when it differs).
   void all_reduce(void* data, size_t count, DType dtype, ReduceOp op, LayerStepStats& stats);
   void all_gather(const void* send, void* recv, size_t bytes_per_rank, LayerStepStats& stats);
@@ -111,6 +129,7 @@ class ContextAttention {
   std::vector<int32_t> rows_;             // the global part's row list, reused every step
   std::vector<int64_t> sort_spare_;       // finish_selection's radix-sort buffer
   int64_t length_ = 0;
+  bool measure_share_ = false;
 };
 
 }  // namespace unshackle
