@@ -187,6 +187,7 @@ struct Scheduler::Run {
   std::shared_ptr<Job> job;
   std::vector<int32_t> prompt;  // tokens still to prefill (a reused context's are not here)
   bool tokenized = false, reserved = false, created = false, keep_context = false;
+  bool requeued = false;  // given back to the queue: another group has room for it
   int64_t need = 0;
   ContextId engine_id = 0;
   bool fork = false;
@@ -255,6 +256,19 @@ void Scheduler::publish_gauges() {
     if (r != reserved_.end()) reserved += r->second;
   }
   metrics_.kv_usage->Set(capacity > 0 ? double(reserved) / double(capacity) : 0.0);
+}
+
+bool Scheduler::room_elsewhere(const WorkerGroup& g, const Job& job, int64_t need) const {
+  for (const auto& other : registry_.groups()) {
+    if (other.get() == &g || !other->ready()) continue;
+    if (!job.spec.model.empty() && other->model().name != job.spec.model) continue;
+    if (need > other->model().max_context_tokens) continue;
+    auto c = capacity_.find(other->id());
+    auto r = reserved_.find(other->id());
+    if (c == capacity_.end() || r == reserved_.end()) continue;
+    if (c->second - r->second >= need) return true;
+  }
+  return false;
 }
 
 std::shared_ptr<Job> Scheduler::submit(JobKind kind, JobSpec spec, bool bypass_queue_limit) {
@@ -479,8 +493,8 @@ void Scheduler::drive(std::shared_ptr<WorkerGroup> group) {
       next = next % running.size();
       auto run = running[next];
       step(g, *run);
-      progressed = run->reserved || run->job->done();  // else it waits for KV room
-      if (run->job->done()) running.erase(running.begin() + static_cast<std::ptrdiff_t>(next));
+      progressed = run->reserved || run->job->done() || run->requeued;  // else it waits for KV room
+      if (run->job->done() || run->requeued) running.erase(running.begin() + static_cast<std::ptrdiff_t>(next));
       else ++next;
       if (!g.up()) break;
     }
@@ -503,6 +517,13 @@ void Scheduler::admit(WorkerGroup& g, std::vector<std::shared_ptr<Run>>& running
   for (auto it = queue_.begin(); it != queue_.end(); ++it) {
     const auto& job = *it;
     if (!job->spec.model.empty() && job->spec.model != g.model().name) continue;
+    if (job->spec.context_id.empty()) {
+      // Its size is known (token ids, or tokenized by a group that gave it back): leave it to
+      // a group with room when it does not fit here.
+      const int64_t prompt = job->snapshot().prompt_tokens;
+      const int64_t need = prompt + job->spec.max_tokens;
+      if (prompt >= 0 && capacity_[g.id()] - reserved_[g.id()] < need && room_elsewhere(g, *job, need)) continue;
+    }
     auto run = std::make_shared<Run>();
     if (!job->spec.context_id.empty()) {
       auto c = contexts_.find(job->spec.context_id);
@@ -567,8 +588,24 @@ void Scheduler::step(WorkerGroup& g, Run& run) {
       }
     }
     if (!run.reserved) {
-      std::lock_guard lock(mutex_);
-      if (reserved_[g.id()] + run.need > capacity_[g.id()]) return;  // wait for room
+      std::unique_lock lock(mutex_);
+      if (reserved_[g.id()] + run.need > capacity_[g.id()]) {
+        // No room here. Another group with room runs it now (a stored context's job stays
+        // with its context); else it waits here.
+        if (run.fork || !room_elsewhere(g, job, run.need)) return;
+        const int64_t free = capacity_[g.id()] - reserved_[g.id()];
+        lock.unlock();
+        log_line(fmt::format("job {} needs {} KV tokens, {} free on '{}': queued again for a group with room", job.id,
+                             run.need, free, g.id()));
+        job.update([](Job::State& s) { s.group.clear(); });  // queued again, on no group yet
+        lock.lock();
+        run.requeued = true;
+        --pending_;
+        queue_.push_front(run.job);
+        publish_gauges();
+        cv_.notify_all();
+        return;
+      }
       reserved_[g.id()] += run.need;
       run.reserved = true;
       --pending_;

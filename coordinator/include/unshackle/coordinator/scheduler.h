@@ -4,8 +4,10 @@
 // ready), then loops: admit queued jobs that fit the group's KV capacity (prompt + max_tokens
 // reserved per job, stored contexts keep theirs), and step the admitted jobs round-robin, one
 // worker call each: tokenize, create (or fork a stored context), prefill one chunk, or decode
-// one token. A group that goes down fails its jobs (x-should-retry: false); when no group is
-// up, queued jobs fail with 503.
+// one token. A job that does not fit a group's free KV while another group has room for it is
+// left to that group (given back to the queue if its size was only known once tokenized); when
+// no group has room it waits on the one that took it. A group that goes down fails its jobs
+// (x-should-retry: false); when no group is up, queued jobs fail with 503.
 #pragma once
 
 #include <nlohmann/json.hpp>
@@ -135,6 +137,9 @@ class Scheduler {
   void finish(WorkerGroup& group, Run& run, JobPhase phase, const std::string& reason, std::optional<ApiError> error);
   void group_lost(WorkerGroup& group, std::vector<std::shared_ptr<Run>>& running);
   void publish_gauges();  // under mutex_
+  // Whether a ready group other than `g` that serves the job's model has `need` KV tokens free
+  // now (under mutex_): a job that does not fit `g` then goes there instead of waiting on `g`.
+  bool room_elsewhere(const WorkerGroup& g, const Job& job, int64_t need) const;
   std::string new_id(const char* prefix);
   void remember_finished(const std::string& id);
 
