@@ -52,20 +52,6 @@ class E2ESlow : public ::testing::Test {
   static inline std::unique_ptr<LiveService> service_;
 };
 
-// `unshackle generate --json` with the service's attention settings.
-json run_generate(const LiveService& s, const std::string& prompt, int max_tokens, double temperature, uint64_t seed) {
-  const auto out = s.dir() / "generate.json";
-  const std::string cmd = fmt::format(
-      "'{}' generate --model '{}' --prompt '{}' --max-tokens {} --temperature {} --seed {} --mode exact-topk --top-k 8 "
-      "--l-i 4 --l-l 16 --ranks {} --kv-block {} --chunk {} --json > '{}' 2>&1",
-      UNS_CLI_BIN, s.model_dir(), prompt, max_tokens, temperature, seed, s.options().ranks, s.options().kv_block,
-      s.options().prefill_chunk, out.string());
-  const int rc = std::system(cmd.c_str());
-  const std::string text = read_text(out);
-  EXPECT_EQ(rc, 0) << cmd << "\n" << text;
-  return json::parse(text, nullptr, false);
-}
-
 TEST_F(E2E, ModelsListsTheGroupsModel) {
   const HttpResult r = svc().get("/v1/models");
   ASSERT_EQ(r.status, 200) << r.body;
@@ -206,6 +192,130 @@ TEST_F(E2E, JobReportsProgressAndCompletes) {
   const HttpResult result = svc().get("/v1/jobs/" + id + "/result");
   ASSERT_EQ(result.status, 200) << result.body;
   EXPECT_EQ(result.json_body()["usage"]["prompt_tokens"], 301);
+}
+
+// JSONL lines of a batch input file: {"custom_id","method","url","body"} each.
+std::string batch_jsonl(const std::vector<std::pair<std::string, json>>& requests) {
+  std::string out;
+  for (const auto& [custom_id, body] : requests)
+    out += json{{"custom_id", custom_id}, {"method", "POST"}, {"url", "/v1/completions"}, {"body", body}}.dump() + "\n";
+  return out;
+}
+
+// The lines of a JSONL file by custom_id.
+std::map<std::string, json> jsonl_by_custom_id(const std::string& text) {
+  std::map<std::string, json> out;
+  size_t pos = 0;
+  while (pos < text.size()) {
+    size_t end = text.find('\n', pos);
+    if (end == std::string::npos) end = text.size();
+    const std::string line = text.substr(pos, end - pos);
+    pos = end + 1;
+    if (line.empty()) continue;
+    const json j = json::parse(line, nullptr, false);
+    EXPECT_TRUE(j.is_object()) << line;
+    if (!j.is_object()) continue;
+    EXPECT_EQ(out.count(j.value("custom_id", "")), 0u) << "custom_id twice: " << line;
+    out[j.value("custom_id", "")] = j;
+  }
+  return out;
+}
+
+// OpenAI Batch API on the real workers: an uploaded JSONL of completions runs as jobs; each
+// output line carries its custom_id and the completion that `unshackle generate` gives for the
+// same request; a bad line lands in the error file and the rest still complete.
+TEST_F(E2E, BatchOfCompletionsMatchesGenerateAndMapsCustomIds) {
+  struct Good {
+    std::string custom_id, prompt;
+    int max_tokens;
+    double temperature;
+    uint64_t seed;
+    bool as_ids;  // the prompt as token ids (BOS first) instead of text
+  };
+  const std::vector<Good> good = {{"alpha", kPrompt, 8, 0.0, 1, false},
+                                  {"bravo", "Pack my box with five dozen liquor jugs", 10, 0.9, 21, false},
+                                  {"charlie", "Sphinx of black quartz, judge my vow", 9, 0.7, 5, true}};
+  std::vector<std::pair<std::string, json>> requests;
+  std::map<std::string, json> bodies;
+  for (const Good& g : good) {
+    json body{{"max_tokens", g.max_tokens}, {"temperature", g.temperature}, {"seed", g.seed}};
+    body["prompt"] = g.as_ids ? json(encode(svc(), g.prompt, true)) : json(g.prompt);
+    bodies[g.custom_id] = body;
+    requests.emplace_back(g.custom_id, body);
+    if (g.custom_id == "alpha") requests.emplace_back("delta-bad", json{{"prompt", "a"}, {"max_tokens", -1}});
+  }
+  const std::string jsonl = batch_jsonl(requests);
+
+  const HttpResult up = svc().upload(jsonl);
+  ASSERT_EQ(up.status, 200) << up.body;
+  const std::string input_id = up.json_body()["id"];
+  EXPECT_EQ(up.json_body()["purpose"], "batch");
+  EXPECT_EQ(up.json_body()["bytes"], jsonl.size());
+  EXPECT_EQ(svc().get("/v1/files/" + input_id + "/content").body, jsonl);
+
+  const HttpResult created = svc().post("/v1/batches", json{{"input_file_id", input_id},
+                                                            {"endpoint", "/v1/completions"},
+                                                            {"completion_window", "24h"},
+                                                            {"metadata", {{"suite", "e2e"}}}});
+  ASSERT_EQ(created.status, 200) << created.body;
+  const std::string batch_id = created.json_body()["id"];
+  json batch;
+  ASSERT_TRUE(eventually(
+      [&] {
+        batch = svc().get("/v1/batches/" + batch_id).json_body();
+        const std::string status = batch.value("status", "");
+        return status != "validating" && status != "in_progress" && status != "finalizing";
+      },
+      120s, 100ms))
+      << batch.dump();
+  ASSERT_EQ(batch["status"], "completed") << batch.dump();
+  EXPECT_EQ(batch["request_counts"], (json{{"total", 4}, {"completed", 3}, {"failed", 1}})) << batch.dump();
+  EXPECT_EQ(batch["metadata"], (json{{"suite", "e2e"}}));
+  ASSERT_TRUE(batch["output_file_id"].is_string()) << batch.dump();
+  ASSERT_TRUE(batch["error_file_id"].is_string()) << batch.dump();
+
+  const HttpResult output = svc().get("/v1/files/" + batch["output_file_id"].get<std::string>() + "/content");
+  ASSERT_EQ(output.status, 200) << output.body;
+  const std::map<std::string, json> lines = jsonl_by_custom_id(output.body);
+  EXPECT_EQ(lines.size(), good.size()) << output.body;
+  for (const Good& g : good) {
+    SCOPED_TRACE(g.custom_id);
+    ASSERT_EQ(lines.count(g.custom_id), 1u) << output.body;
+    const json& line = lines.at(g.custom_id);
+    EXPECT_TRUE(line["error"].is_null()) << line.dump();
+    EXPECT_EQ(line["response"]["status_code"], 200) << line.dump();
+    const json& body = line["response"]["body"];
+    EXPECT_EQ(body["object"], "text_completion");
+    const json oracle = run_generate(svc(), g.prompt, g.max_tokens, g.temperature, g.seed);
+    ASSERT_TRUE(oracle.is_object());
+    EXPECT_EQ(body["choices"][0]["text"], service_text(svc(), oracle)) << line.dump();
+    EXPECT_EQ(body["usage"]["prompt_tokens"], oracle["prompt_tokens"].size());
+    EXPECT_EQ(body["usage"]["completion_tokens"], service_completion_tokens(oracle));
+    // The same request as a sync completion answers the same.
+    const HttpResult sync = svc().post("/v1/completions", bodies.at(g.custom_id));
+    ASSERT_EQ(sync.status, 200) << sync.body;
+    EXPECT_EQ(body["choices"], sync.json_body()["choices"]);
+    // request_id is the job that ran it.
+    const std::string job_id = line["response"]["request_id"];
+    const json job = svc().get("/v1/jobs/" + job_id).json_body();
+    EXPECT_EQ(job["kind"], "batch_request") << job.dump();
+    EXPECT_EQ(job["status"], "completed") << job.dump();
+  }
+
+  const HttpResult errors = svc().get("/v1/files/" + batch["error_file_id"].get<std::string>() + "/content");
+  ASSERT_EQ(errors.status, 200) << errors.body;
+  const std::map<std::string, json> error_lines = jsonl_by_custom_id(errors.body);
+  ASSERT_EQ(error_lines.size(), 1u) << errors.body;
+  ASSERT_EQ(error_lines.count("delta-bad"), 1u) << errors.body;
+  const json& bad = error_lines.at("delta-bad");
+  EXPECT_EQ(bad["response"]["status_code"], 400) << bad.dump();
+  EXPECT_EQ(bad["response"]["body"]["error"]["code"], "invalid_value") << bad.dump();
+  EXPECT_EQ(bad["response"]["body"]["error"]["param"], "max_tokens") << bad.dump();
+
+  // The output files are listed with purpose batch_output.
+  const json output_file = svc().get("/v1/files/" + batch["output_file_id"].get<std::string>()).json_body();
+  EXPECT_EQ(output_file["purpose"], "batch_output") << output_file.dump();
+  EXPECT_EQ(output_file["bytes"], output.body.size());
 }
 
 TEST_F(E2ESlow, CancelStopsTheJobOnTheWorkers) {

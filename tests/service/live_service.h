@@ -17,6 +17,7 @@
 #include <boost/asio.hpp>
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
+#include <fmt/format.h>
 #include <nlohmann/json.hpp>
 #include <signal.h>
 #include <sys/prctl.h>
@@ -37,6 +38,7 @@
 
 #include "http_client.h"
 #include "unshackle/model/make_model.h"
+#include "unshackle/model/tokenizer.h"
 
 namespace unshackle::live {
 
@@ -254,6 +256,16 @@ class LiveService {
     return http_request(http_port, verb, target, body, key, content_type);
   }
 
+  // POST /v1/files as multipart/form-data: a `purpose` field and a `file` part holding `content`.
+  HttpResult upload(const std::string& content, const std::string& purpose = "batch",
+                    const std::string& filename = "requests.jsonl") const {
+    const std::string boundary = "uns-live-boundary-4f1c9a";
+    const std::string body = "--" + boundary + "\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\n" + purpose +
+                             "\r\n--" + boundary + "\r\nContent-Disposition: form-data; name=\"file\"; filename=\"" + filename +
+                             "\"\r\nContent-Type: application/jsonl\r\n\r\n" + content + "\r\n--" + boundary + "--\r\n";
+    return raw(http::verb::post, "/v1/files", body, options_.api_key, "multipart/form-data; boundary=" + boundary);
+  }
+
   // The value of a metric line of /metrics (exact name with labels as printed), or nullopt.
   std::optional<double> metric(const std::string& name_with_labels) const {
     const std::string text = get("/metrics").body;
@@ -278,6 +290,39 @@ class LiveService {
   Child coordinator_;
   std::map<std::string, Child> groups_;
 };
+
+// The oracle: `unshackle generate --json` on the service's model with its attention settings,
+// ranks, KV block and prefill chunk (the same tokens a group of that many ranks must produce).
+inline json run_generate(const LiveService& s, const std::string& prompt, int max_tokens, double temperature,
+                         uint64_t seed) {
+  static int n = 0;
+  const auto out = s.dir() / fmt::format("generate{}.json", n++);
+  const std::string cmd = fmt::format(
+      "'{}' generate --model '{}' --prompt '{}' --max-tokens {} --temperature {} --seed {} --mode exact-topk --top-k 8 "
+      "--l-i 4 --l-l 16 --ranks {} --kv-block {} --chunk {} --json > '{}' 2>&1",
+      UNS_CLI_BIN, s.model_dir(), prompt, max_tokens, temperature, seed, s.options().ranks, s.options().kv_block,
+      s.options().prefill_chunk, out.string());
+  const int rc = std::system(cmd.c_str());
+  const std::string text = read_text(out);
+  EXPECT_EQ(rc, 0) << cmd << "\n" << text;
+  return json::parse(text, nullptr, false);
+}
+
+// The text the service answers for the tokens `generate` produced: the worker detokenizes with
+// special tokens skipped (as OpenAI-style servers do), `generate` prints them ("<s>" when the
+// random model samples BOS). Bytes that are not UTF-8 become U+FFFD in the JSON of both, as
+// here. Equal to generate's "text" whenever no special token was sampled.
+inline std::string service_text(const LiveService& s, const json& generated) {
+  const auto tokens = generated.at("tokens").get<std::vector<int32_t>>();
+  const std::string bytes = load_tokenizer(s.model_dir())->decode(tokens, /*skip_special=*/true);
+  return json::parse(json(bytes).dump(-1, ' ', false, json::error_handler_t::replace)).get<std::string>();
+}
+
+// usage.completion_tokens the service reports for generate's tokens (generate counts a final
+// stop token, the service ends the completion on it).
+inline size_t service_completion_tokens(const json& generated) {
+  return generated.at("tokens").size() - (generated.value("finish_reason", "") == "stop_token" ? 1 : 0);
+}
 
 // A real Prometheus (Debian package `prometheus`) scraping the service's /metrics every second.
 class LivePrometheus {
