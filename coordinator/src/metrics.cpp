@@ -55,6 +55,14 @@ Metrics::Metrics() : registry_(std::make_shared<prometheus::Registry>()) {
   selected_ratio = &family(prometheus::BuildHistogram(), "unshackle_selection_ratio",
                            "Selected middle tokens over middle tokens per step (selection modes)", r)
                         .Add({}, kRatioBuckets);
+  auto& share = family(prometheus::BuildHistogram(), "unshackle_attention_share_ratio",
+                       "Softmax mass of a step's queries on the initial tokens, the selected middle tokens and the "
+                       "local window (part), mean over queries, heads and layers; sampled steps (worker "
+                       "--attention-share-every), not in full mode",
+                       r);
+  share_initial_ = &share.Add({{"part", "initial"}}, kRatioBuckets);
+  share_selected_ = &share.Add({{"part", "selected"}}, kRatioBuckets);
+  share_window_ = &share.Add({{"part", "window"}}, kRatioBuckets);
   selected_tokens = &family(prometheus::BuildCounter(), "unshackle_selected_tokens_total",
                             "Middle tokens selected, summed over layers and steps", r).Add({});
   prompt_tokens = &family(prometheus::BuildCounter(), "unshackle_prompt_tokens_total", "Prompt tokens prefilled", r).Add({});
@@ -82,6 +90,19 @@ std::string Metrics::serialize() const {
   std::ostringstream out;
   prometheus::TextSerializer().Serialize(out, registry_->Collect());
   return out.str();
+}
+
+void Metrics::observe_step(const StepStats& stats, int layers) {
+  collective->Observe(stats.collective_seconds);
+  if (layers > 0) layer_collective->Observe(stats.collective_seconds / layers);
+  if (stats.middle_tokens > 0) selected_ratio->Observe(double(stats.selected_tokens) / double(stats.middle_tokens));
+  selected_tokens->Increment(double(stats.selected_tokens));
+  if (stats.share_layers > 0) {
+    const auto n = double(stats.share_layers);
+    share_initial_->Observe(stats.share_initial / n);
+    share_selected_->Observe(stats.share_selected / n);
+    share_window_->Observe(stats.share_local / n);
+  }
 }
 
 void Metrics::finished(const std::string& reason) {

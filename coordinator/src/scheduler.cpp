@@ -639,10 +639,7 @@ void Scheduler::step(WorkerGroup& g, Run& run) {
                                        run.prompt.begin() + static_cast<std::ptrdiff_t>(run.prefilled + n));
       const json r = g.call("prefill", json{{"context", run.engine_id}, {"tokens", chunk}}, timeout);
       const StepStats stats = wire::stats_from_json(r.value("stats", json::object()));
-      metrics_.collective->Observe(stats.collective_seconds);
-      if (model.layers > 0) metrics_.layer_collective->Observe(stats.collective_seconds / model.layers);
-      if (stats.middle_tokens > 0) metrics_.selected_ratio->Observe(double(stats.selected_tokens) / double(stats.middle_tokens));
-      metrics_.selected_tokens->Increment(double(stats.selected_tokens));
+      metrics_.observe_step(stats, model.layers);
       metrics_.prompt_tokens->Increment(double(n));
       run.prefilled += n;
       const bool done = run.prefilled == run.prompt.size();
@@ -664,10 +661,7 @@ void Scheduler::step(WorkerGroup& g, Run& run) {
     const json r = g.call("decode", json{{"context", run.engine_id}, {"sampling", wire::sampling_to_json(spec.sampling)}}, timeout);
     const auto now = Clock::now();
     const StepStats stats = wire::stats_from_json(r.value("stats", json::object()));
-    metrics_.collective->Observe(stats.collective_seconds);
-    if (model.layers > 0) metrics_.layer_collective->Observe(stats.collective_seconds / model.layers);
-    if (stats.middle_tokens > 0) metrics_.selected_ratio->Observe(double(stats.selected_tokens) / double(stats.middle_tokens));
-    metrics_.selected_tokens->Increment(double(stats.selected_tokens));
+    metrics_.observe_step(stats, model.layers);
     // The generation ends: the bytes the worker held back (a character whose tokens did not
     // all arrive) become U+FFFD, as the tokenizer decodes them; the text stays a prefix.
     const auto flush_text = [&] {

@@ -124,6 +124,37 @@ TEST_F(ModelEngineTest, ReservationsStayWithinCapacity) {
 
 // LagKV evicts during prefill and decode; a fork must carry the evicted rows and the partitions
 // already scored (ContextAttention::copy_state_from), or its decode would part from a fresh one.
+// The attention share is measured on a context's first decode step and every N-th after it
+// (never in prefill), in every layer, the three parts summing to 1 per layer.
+TEST_F(ModelEngineTest, AttentionShareIsSampledEveryNthDecodeStep) {
+  auto comm = std::move(make_local_communicators(1).front());
+  ModelEngineOptions o = options();
+  o.attention_share_every = 3;
+  ModelEngine engine(o, *comm);
+  const int layers = engine.info().layers;
+  engine.create_context(1, topk(), 64);
+  EXPECT_EQ(engine.prefill(1, seeded_tokens(40, 3)).share_layers, 0);
+  std::vector<int64_t> measured;
+  for (int step = 0; step < 6; ++step) {
+    const StepStats s = engine.decode(1, {.temperature = 0}).stats;
+    if (s.share_layers > 0) {
+      measured.push_back(step);
+      EXPECT_EQ(s.share_layers, layers);
+      EXPECT_NEAR(s.share_initial + s.share_selected + s.share_local, layers, 1e-5);
+      EXPECT_GT(s.share_initial, 0.0);
+      EXPECT_GT(s.share_selected, 0.0) << "exact-topk with |M| > k attends to selected tokens";
+      EXPECT_GT(s.share_local, 0.0);
+    }
+  }
+  EXPECT_EQ(measured, (std::vector<int64_t>{0, 3}));
+
+  o.attention_share_every = 0;  // never
+  ModelEngine quiet(o, *comm);
+  quiet.create_context(1, topk(), 64);
+  quiet.prefill(1, seeded_tokens(40, 3));
+  for (int step = 0; step < 2; ++step) EXPECT_EQ(quiet.decode(1, {.temperature = 0}).stats.share_layers, 0);
+}
+
 TEST_F(ModelEngineTest, ForkCarriesLagKvEvictionState) {
   const auto prompt = seeded_tokens(40, 5);
   const std::span<const int32_t> first = std::span<const int32_t>(prompt).first(24), rest = std::span<const int32_t>(prompt).subspan(24);

@@ -146,7 +146,7 @@ TEST(Router, MetricsText) {
                            "unshackle_request_decode_time_seconds", "unshackle_prompt_tokens_total 0",
                            "unshackle_generation_tokens_total 0", "unshackle_request_finished_total{reason=\"stop\"} 0",
                            "unshackle_requests_rejected_total{reason=\"no_ready_group\"} 1", "unshackle_collective_seconds",
-                           "unshackle_selection_ratio"})
+                           "unshackle_selection_ratio", "unshackle_attention_share_ratio_count{part=\"selected\"} 0"})
     EXPECT_NE(text.find(name), std::string::npos) << name;
 }
 

@@ -14,6 +14,8 @@ ModelEngine::ModelEngine(const ModelEngineOptions& options, Communicator& comm) 
   UNS_CHECK(options_.backend == "cpu" || options_.backend == "cuda", "--backend: 'cpu' or 'cuda' (got '{}')",
             options_.backend);
   UNS_CHECK(options_.chunk > 0, "chunk: must be > 0 (got {})", options_.chunk);
+  UNS_CHECK(options_.attention_share_every >= 0, "attention_share_every: must be >= 0 (got {})",
+            options_.attention_share_every);
   UNS_CHECK(options_.kv_block > 0, "--kv-block: must be > 0 (got {})", options_.kv_block);
   UNS_CHECK(options_.max_context_tokens >= 0, "--max-context-tokens: must be >= 0 (got {})", options_.max_context_tokens);
   UNS_CHECK(options_.kv_capacity_tokens >= 0, "--kv-capacity-tokens: must be >= 0 (got {})", options_.kv_capacity_tokens);
@@ -121,16 +123,18 @@ void ModelEngine::fork_context(ContextId source, ContextId id, int64_t reserve_t
   context->tokens = from.tokens;
   context->chunks = from.chunks;
   context->logits = from.logits;
+  context->decodes = from.decodes;
   contexts_[id] = std::move(context);
   reserved_ += reserve_tokens;
 }
 
-StepStats ModelEngine::run_tokens(Context& context, std::span<const int32_t> tokens) {
+StepStats ModelEngine::run_tokens(Context& context, std::span<const int32_t> tokens, bool measure_share) {
   const int L = info_.layers;
   StepStats stats;
   for (size_t begin = 0; begin < tokens.size();) {
     const size_t n = std::min(tokens.size() - begin, static_cast<size_t>(options_.chunk));
     const int64_t p = context.kv->length();
+    context.kv->measure_attention_share(measure_share);
     forward(*context.kv, tokens.subspan(begin, n), context.logits);
     context.chunks.push_back(static_cast<int64_t>(n));
     context.tokens.insert(context.tokens.end(), tokens.begin() + static_cast<std::ptrdiff_t>(begin),
@@ -142,6 +146,12 @@ StepStats ModelEngine::run_tokens(Context& context, std::span<const int32_t> tok
       if (context.attention.selects()) {
         stats.selected_tokens += static_cast<int64_t>(s.selected.size());
         stats.middle_tokens += seg.m_size();
+      }
+      if (s.share.measured) {
+        ++stats.share_layers;
+        stats.share_initial += s.share.initial;
+        stats.share_selected += s.share.selected;
+        stats.share_local += s.share.local;
       }
     }
     begin += n;
@@ -160,7 +170,7 @@ StepStats ModelEngine::prefill(ContextId id, std::span<const int32_t> tokens) {
   UNS_CHECK_KIND(kCapacity, after <= context.reserve, "context {}: {} tokens exceed its reservation of {}", id, after,
                  context.reserve);
   try {
-    return run_tokens(context, tokens);
+    return run_tokens(context, tokens, false);
   } catch (...) {
     context.broken = true;
     throw;
@@ -190,7 +200,12 @@ DecodeResult ModelEngine::decode(ContextId id, const SamplingParams& sampling) {
   UNS_CHECK_KIND(kCapacity, static_cast<int64_t>(context.tokens.size()) + 1 <= context.reserve,
                  "context {}: {} tokens exceed its reservation of {}", id, context.tokens.size() + 1, context.reserve);
   try {
-    result.stats = run_tokens(context, std::span<const int32_t>(&result.token, 1));
+    // Where the generated token's attention went, on the first decode step and every N-th
+    // after it (a decision every rank makes alike: the same steps reach every rank).
+    const int64_t every = options_.attention_share_every;
+    const bool measure = every > 0 && context.decodes % every == 0;
+    ++context.decodes;
+    result.stats = run_tokens(context, std::span<const int32_t>(&result.token, 1), measure);
   } catch (...) {
     context.broken = true;
     throw;

@@ -80,6 +80,11 @@ int main(int argc, char** argv) {
   app.add_option("--compression", engine_options.compression, "ESA compression weights (needed for esa and block modes)");
   app.add_option("--kv-block", engine_options.kv_block, "tokens per KV placement block across ranks")->capture_default_str();
   app.add_option("--chunk", engine_options.chunk, "longest forward pass inside one prefill call")->capture_default_str();
+  app.add_option("--attention-share-every", engine_options.attention_share_every,
+                 "measure the attention share (initial/selected/window) on a context's first and every N-th decode "
+                 "step (0: never)")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
   app.add_option("--heartbeat-ms", heartbeat_ms, "heartbeat period")->capture_default_str()->check(CLI::PositiveNumber);
   app.add_option("--coordinator-timeout-ms", coordinator_timeout_ms, "coordinator silence after which the group exits")
       ->capture_default_str()

@@ -43,7 +43,11 @@ json stats_to_json(const StepStats& s) {
   return json{{"context_tokens", s.context_tokens},
               {"collective_seconds", s.collective_seconds},
               {"selected_tokens", s.selected_tokens},
-              {"middle_tokens", s.middle_tokens}};
+              {"middle_tokens", s.middle_tokens},
+              {"share_layers", s.share_layers},
+              {"share_initial", s.share_initial},
+              {"share_selected", s.share_selected},
+              {"share_local", s.share_local}};
 }
 
 StepStats stats_from_json(const json& o) {
@@ -53,6 +57,10 @@ StepStats stats_from_json(const json& o) {
   s.collective_seconds = o.value("collective_seconds", 0.0);
   s.selected_tokens = o.value("selected_tokens", int64_t{0});
   s.middle_tokens = o.value("middle_tokens", int64_t{0});
+  s.share_layers = o.value("share_layers", int64_t{0});
+  s.share_initial = o.value("share_initial", 0.0);
+  s.share_selected = o.value("share_selected", 0.0);
+  s.share_local = o.value("share_local", 0.0);
   return s;
 }
 

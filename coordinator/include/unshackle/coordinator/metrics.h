@@ -16,6 +16,8 @@
 #include <mutex>
 #include <string>
 
+#include "unshackle/worker/engine.h"
+
 namespace unshackle::coord {
 
 class Metrics {
@@ -41,6 +43,10 @@ class Metrics {
   prometheus::Counter* rejected_queue_full;  // unshackle_requests_rejected_total{reason="queue_full"}
   prometheus::Counter* rejected_unavailable; // ...{reason="no_ready_group"}
 
+  // What one prefill chunk or decode step reported (rank 0's StepStats): collective time
+  // (per step and per layer step), selection ratio and count, attention share by part.
+  void observe_step(const StepStats& stats, int layers);
+
   // unshackle_request_finished_total{reason}: stop, length, cancelled, error.
   void finished(const std::string& reason);
   void set_group_up(const std::string& group, bool up);
@@ -57,6 +63,9 @@ class Metrics {
   prometheus::Family<prometheus::Gauge>* rank_bytes_family_;
   prometheus::Family<prometheus::Gauge>* rank_tokens_family_;
   prometheus::Family<prometheus::Counter>* group_down_family_;
+  prometheus::Histogram* share_initial_;   // unshackle_attention_share_ratio{part="initial"}
+  prometheus::Histogram* share_selected_;  // {part="selected"}
+  prometheus::Histogram* share_window_;    // {part="window"}: local window and chunk
   std::mutex mutex_;
   std::map<std::string, prometheus::Counter*> finished_;
 };

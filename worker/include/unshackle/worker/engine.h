@@ -55,6 +55,10 @@ struct StepStats {
   double collective_seconds = 0;  // wall time inside communicator calls, summed over layers
   int64_t selected_tokens = 0;    // |M_k| summed over layers (selection modes), else 0
   int64_t middle_tokens = 0;      // |M| summed over layers, for the selection ratio
+  // Where attention went (LayerStepStats::share), summed over the layer steps that measured
+  // it (share_layers of them; 0 when none did): divide by share_layers for the step's mean.
+  int64_t share_layers = 0;
+  double share_initial = 0, share_selected = 0, share_local = 0;
 };
 
 struct DecodeResult {

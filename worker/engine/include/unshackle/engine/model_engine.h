@@ -44,6 +44,10 @@ struct ModelEngineOptions {
   std::string backend = "cpu";      // "cpu" (Model, host memory) or "cuda" (CudaModel on device
                                     // device_index % visible devices, KV on that GPU)
   int device_index = 0;             // with "cuda": usually the rank's node-local index
+  // Measure where attention went (StepStats::share_*) on a context's first decode step and
+  // every N-th after it; 0: never. A measured step costs one more small partial attention
+  // per layer and, on a GPU, a wait for each layer step.
+  int64_t attention_share_every = 16;
 };
 
 class ModelEngine final : public Engine {
@@ -76,13 +80,14 @@ class ModelEngine final : public Engine {
     std::vector<int64_t> chunks;  // lengths of the forward passes that appended them
     std::vector<float> logits;    // [vocab] of the last token; empty before the first prefill
     bool broken = false;          // a step failed half-way: only release is allowed
+    int64_t decodes = 0;          // decode steps run (for attention_share_every)
   };
 
   Context& find(ContextId id);
   std::unique_ptr<Context> make_context(const AttentionConfig& attention, int64_t reserve_tokens);
   void check_room(ContextId id, int64_t reserve_tokens) const;
   // forward_chunk over `tokens` in pieces of at most options_.chunk, summing the step stats.
-  StepStats run_tokens(Context& context, std::span<const int32_t> tokens);
+  StepStats run_tokens(Context& context, std::span<const int32_t> tokens, bool measure_share);
 
   ModelEngineOptions options_;
   Communicator& comm_;
