@@ -110,6 +110,17 @@ def plan_extra8k():
     return jobs
 
 
+def plan_extra32k():
+    """More 64x trials (random depths; about 3 minutes each for esa on 2 CPU cores), then
+    one 128x esa trial (about four times longer)."""
+    jobs = [(32768, 1, 1, None, seed, "esa", 1) for seed in (300, 301, 302)]
+    jobs += [(32768, 3, 2, None, seed, "esa", 1) for seed in (400, 401)]
+    jobs += [(32768, 1, 1, None, seed, "esa+lagkv", 1) for seed in (300, 301)]
+    jobs += [(32768, 1, 1, None, 300, mode, 1) for mode in ("block", "streaming")]
+    jobs.append((65536, 1, 1, [0.5], 101, "esa", 1))
+    return jobs
+
+
 def plan_gpu():
     """One H200 through --backend cuda: ESA from 64x to 2048x the training length."""
     jobs = []
@@ -137,7 +148,7 @@ def main():
     ap.add_argument("--unshackle", required=True)
     ap.add_argument("--model", default=os.path.join(ROOT, "models", "needle-llama"))
     ap.add_argument("--results", required=True)
-    ap.add_argument("--plan", default="cpu", choices=["cpu", "extra", "extra8k", "gpu"])
+    ap.add_argument("--plan", default="cpu", choices=["cpu", "extra", "extra8k", "extra32k", "gpu"])
     ap.add_argument("--timeout", type=float, default=0, help="seconds per trial (0: none)")
     ap.add_argument("--max-jobs", type=int, default=0, help="stop after this many new trials (0: all)")
     ap.add_argument("--extra", default="", help="more generate arguments for every trial (e.g. '--backend cuda')")
@@ -147,7 +158,7 @@ def main():
     if os.path.exists(args.results):
         with open(args.results) as f:
             done = {json.loads(line)["key"] for line in f if line.strip()}
-    plans = {"cpu": plan_cpu, "extra": plan_extra, "extra8k": plan_extra8k, "gpu": plan_gpu}
+    plans = {"cpu": plan_cpu, "extra": plan_extra, "extra8k": plan_extra8k, "extra32k": plan_extra32k, "gpu": plan_gpu}
     jobs = [j for j in plans[args.plan]() if key_of(j) not in done]
     print(f"{len(jobs)} trials to run ({len(done)} already in {args.results})", flush=True)
     os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)

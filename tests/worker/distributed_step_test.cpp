@@ -13,17 +13,23 @@
 namespace unshackle::testing {
 namespace {
 
+// The scenario on `ranks` in-process ranks, each with its own CPU backend: records[rank][step][layer].
+std::vector<std::vector<std::vector<StepRecord>>> run_on_local_ranks(const Scenario& s, int ranks, bool measure_share) {
+  std::vector<std::vector<std::vector<StepRecord>>> per_rank(static_cast<size_t>(ranks));
+  run_local_ranks(ranks, [&](int rank, Communicator& comm) {
+    auto backend = make_cpu_backend();
+    per_rank[static_cast<size_t>(rank)] = run_scenario(s, *backend, comm, measure_share);
+  });
+  return per_rank;
+}
+
 class DistributedStep : public ::testing::TestWithParam<std::tuple<int, int>> {};
 
 TEST_P(DistributedStep, MatchesOracleAndSingleRank) {
   const auto [ranks, scenario_index] = GetParam();
   const Scenario s = all_scenarios().at(static_cast<size_t>(scenario_index));
   SCOPED_TRACE(s.name() + " P=" + std::to_string(ranks));
-  std::vector<std::vector<std::vector<StepRecord>>> per_rank(static_cast<size_t>(ranks));
-  run_local_ranks(ranks, [&](int rank, Communicator& comm) {
-    auto backend = make_cpu_backend();
-    per_rank[static_cast<size_t>(rank)] = run_scenario(s, *backend, comm);
-  });
+  const auto per_rank = run_on_local_ranks(s, ranks, /*measure_share=*/false);
 
   std::vector<std::vector<int64_t>> evicted_so_far(static_cast<size_t>(s.layers));
   int64_t p = 0;
@@ -81,11 +87,7 @@ TEST_P(AttentionShareTest, EqualsFloat64AttentionOnEveryRank) {
   const auto [ranks, scenario_index] = GetParam();
   const Scenario s = all_scenarios().at(static_cast<size_t>(scenario_index));
   SCOPED_TRACE(s.name() + " P=" + std::to_string(ranks));
-  std::vector<std::vector<std::vector<StepRecord>>> per_rank(static_cast<size_t>(ranks));
-  run_local_ranks(ranks, [&](int rank, Communicator& comm) {
-    auto backend = make_cpu_backend();
-    per_rank[static_cast<size_t>(rank)] = run_scenario(s, *backend, comm, /*measure_share=*/true);
-  });
+  const auto per_rank = run_on_local_ranks(s, ranks, /*measure_share=*/true);
   int64_t p = 0;
   double most_selected = 0;
   for (size_t step = 0; step < s.chunks.size(); ++step) {
