@@ -20,14 +20,30 @@ int64_t unix_now() {
   return std::chrono::duration_cast<std::chrono::seconds>(std::chrono::system_clock::now().time_since_epoch()).count();
 }
 
+std::string token_parts(int64_t context, int64_t prompt, int64_t max_tokens) {
+  return context > 0 ? fmt::format("{} in the stored context, {} in the prompt, {} in the completion", context, prompt, max_tokens)
+                     : fmt::format("{} in the prompt, {} in the completion", prompt, max_tokens);
+}
+
 ApiError context_length_error(int64_t limit, int64_t context, int64_t prompt, int64_t max_tokens, const char* what) {
-  const int64_t total = context + prompt + max_tokens;
-  std::string parts = context > 0 ? fmt::format("{} in the stored context, {} in the prompt, {} in the completion", context, prompt, max_tokens)
-                                  : fmt::format("{} in the prompt, {} in the completion", prompt, max_tokens);
   ApiError e(400,
              fmt::format("This model's {} is {} tokens. However, you requested {} tokens ({}). Please reduce the "
                          "length of the prompt or max_tokens.",
-                         what, limit, total, parts),
+                         what, limit, context + prompt + max_tokens, token_parts(context, prompt, max_tokens)),
+             "prompt", "context_length_exceeded");
+  e.should_retry = false;
+  return e;
+}
+
+// A job that fits the group's KV capacity but not what its stored contexts leave free: they
+// keep their KV until deleted, so waiting would be forever.
+ApiError stored_contexts_error(int64_t capacity, int64_t stored, int64_t context, int64_t prompt, int64_t max_tokens) {
+  ApiError e(400,
+             fmt::format("This worker group's KV capacity is {} tokens and its stored contexts hold {} of them until "
+                         "deleted. However, you requested {} tokens ({}; a request on a stored context works on a copy "
+                         "of it). Delete a stored context (DELETE /v1/contexts/{{id}}) or reduce the length of the "
+                         "prompt or max_tokens.",
+                         capacity, stored, context + prompt + max_tokens, token_parts(context, prompt, max_tokens)),
              "prompt", "context_length_exceeded");
   e.should_retry = false;
   return e;
@@ -258,7 +274,7 @@ void Scheduler::publish_gauges() {
   metrics_.kv_usage->Set(capacity > 0 ? double(reserved) / double(capacity) : 0.0);
 }
 
-bool Scheduler::room_elsewhere(const WorkerGroup& g, const Job& job, int64_t need) const {
+bool Scheduler::room_elsewhere(const WorkerGroup& g, const Job& job, int64_t need, bool ever) const {
   for (const auto& other : registry_.groups()) {
     if (other.get() == &g || !other->ready()) continue;
     if (!job.spec.model.empty() && other->model().name != job.spec.model) continue;
@@ -266,9 +282,16 @@ bool Scheduler::room_elsewhere(const WorkerGroup& g, const Job& job, int64_t nee
     auto c = capacity_.find(other->id());
     auto r = reserved_.find(other->id());
     if (c == capacity_.end() || r == reserved_.end()) continue;
-    if (c->second - r->second >= need) return true;
+    if (c->second - (ever ? stored_tokens(other->id()) : r->second) >= need) return true;
   }
   return false;
+}
+
+int64_t Scheduler::stored_tokens(const std::string& group) const {
+  int64_t tokens = 0;
+  for (const auto& [id, c] : contexts_)
+    if (c.group == group && c.state == "ready") tokens += c.tokens;
+  return tokens;
 }
 
 std::shared_ptr<Job> Scheduler::submit(JobKind kind, JobSpec spec, bool bypass_queue_limit) {
@@ -522,7 +545,10 @@ void Scheduler::admit(WorkerGroup& g, std::vector<std::shared_ptr<Run>>& running
       // a group with room when it does not fit here.
       const int64_t prompt = job->snapshot().prompt_tokens;
       const int64_t need = prompt + job->spec.max_tokens;
-      if (prompt >= 0 && capacity_[g.id()] - reserved_[g.id()] < need && room_elsewhere(g, *job, need)) continue;
+      if (prompt >= 0 && capacity_[g.id()] - reserved_[g.id()] < need) {
+        const bool never_here = need > capacity_[g.id()] - stored_tokens(g.id());
+        if (room_elsewhere(g, *job, need, false) || (never_here && room_elsewhere(g, *job, need, true))) continue;
+      }
     }
     auto run = std::make_shared<Run>();
     if (!job->spec.context_id.empty()) {
@@ -580,19 +606,30 @@ void Scheduler::step(WorkerGroup& g, Run& run) {
         return;
       }
       run.need = run.context_tokens + prompt + spec.max_tokens;
-      if (run.need > model.kv_capacity_tokens) {
-        finish(g, run, JobPhase::kFailed, "error",
-               context_length_error(model.kv_capacity_tokens, run.context_tokens, prompt, spec.max_tokens,
-                                    "worker group's KV capacity"));
-        return;
-      }
     }
     if (!run.reserved) {
       std::unique_lock lock(mutex_);
       if (reserved_[g.id()] + run.need > capacity_[g.id()]) {
-        // No room here. Another group with room runs it now (a stored context's job stays
-        // with its context); else it waits here.
-        if (run.fork || !room_elsewhere(g, job, run.need)) return;
+        // No room here now. Room that running jobs hold comes back when they end; room that
+        // stored contexts hold only when they are deleted. Another group runs it if it has
+        // room now, or, when this group can never hold it, if it ever can (a stored context's
+        // job stays with its context). A job nothing can ever hold fails now instead of
+        // waiting forever; any other waits here.
+        const int64_t stored = stored_tokens(g.id());
+        const bool never_here = run.need > capacity_[g.id()] - stored;
+        const bool elsewhere = !run.fork && (room_elsewhere(g, job, run.need, false) ||
+                                             (never_here && room_elsewhere(g, job, run.need, true)));
+        if (!elsewhere) {
+          if (!never_here) return;
+          const int64_t capacity = capacity_[g.id()];
+          lock.unlock();
+          const auto prompt = static_cast<int64_t>(run.prompt.size());
+          finish(g, run, JobPhase::kFailed, "error",
+                 run.need > capacity ? context_length_error(capacity, run.context_tokens, prompt, spec.max_tokens,
+                                                            "worker group's KV capacity")
+                                     : stored_contexts_error(capacity, stored, run.context_tokens, prompt, spec.max_tokens));
+          return;
+        }
         const int64_t free = capacity_[g.id()] - reserved_[g.id()];
         lock.unlock();
         log_line(fmt::format("job {} needs {} KV tokens, {} free on '{}': queued again for a group with room", job.id,

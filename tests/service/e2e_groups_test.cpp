@@ -155,6 +155,14 @@ TEST_F(E2EGroups, AJobGoesToTheGroupWithRoomWhenAStoredContextFillsTheOther) {
       EXPECT_EQ(result.json_body()["usage"]["completion_tokens"], service_completion_tokens(oracle));
     }
   }
+  // A request on the context itself works on a copy of it (480 + 4 + 10 tokens): it fits the
+  // group's capacity but never what the stored context leaves free, so it fails at once
+  // instead of waiting forever.
+  const HttpResult on_context =
+      svc().post("/v1/completions", json{{"context", ctx}, {"prompt", " one"}, {"max_tokens", 10}, {"temperature", 0}});
+  EXPECT_EQ(on_context.status, 400) << on_context.body;
+  EXPECT_EQ(on_context.error_code(), "context_length_exceeded") << on_context.body;
+  EXPECT_NE(on_context.body.find("stored contexts hold 480"), std::string::npos) << on_context.body;
   // The context stayed where it was, untouched.
   context = svc().get("/v1/contexts/" + ctx).json_body();
   EXPECT_EQ(context["status"], "ready") << context.dump();

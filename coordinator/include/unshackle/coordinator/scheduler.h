@@ -6,8 +6,10 @@
 // worker call each: tokenize, create (or fork a stored context), prefill one chunk, or decode
 // one token. A job that does not fit a group's free KV while another group has room for it is
 // left to that group (given back to the queue if its size was only known once tokenized); when
-// no group has room it waits on the one that took it. A group that goes down fails its jobs
-// (x-should-retry: false); when no group is up, queued jobs fail with 503.
+// no group has room it waits on the one that took it, unless that group can never hold it
+// (its capacity, less what its stored contexts keep until deleted): then another group that
+// could takes it, or it fails at once (400 context_length_exceeded). A group that goes down
+// fails its jobs (x-should-retry: false); when no group is up, queued jobs fail with 503.
 #pragma once
 
 #include <nlohmann/json.hpp>
@@ -138,8 +140,11 @@ class Scheduler {
   void group_lost(WorkerGroup& group, std::vector<std::shared_ptr<Run>>& running);
   void publish_gauges();  // under mutex_
   // Whether a ready group other than `g` that serves the job's model has `need` KV tokens free
-  // now (under mutex_): a job that does not fit `g` then goes there instead of waiting on `g`.
-  bool room_elsewhere(const WorkerGroup& g, const Job& job, int64_t need) const;
+  // now, or with `ever` could have once its running jobs end (all but its stored contexts'
+  // tokens; under mutex_): a job that does not fit `g` then goes there instead of waiting on `g`.
+  bool room_elsewhere(const WorkerGroup& g, const Job& job, int64_t need, bool ever) const;
+  // KV tokens the group's ready stored contexts hold until deleted (under mutex_).
+  int64_t stored_tokens(const std::string& group) const;
   std::string new_id(const char* prefix);
   void remember_finished(const std::string& id);
 
