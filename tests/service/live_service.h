@@ -36,17 +36,11 @@
 #include <thread>
 #include <vector>
 
-#include "http_client.h"
+#include "http_client.h"  // also: the net/beast/http aliases, json, chrono literals
 #include "unshackle/model/make_model.h"
 #include "unshackle/model/tokenizer.h"
 
 namespace unshackle::live {
-
-namespace net = boost::asio;
-namespace beast = boost::beast;
-namespace http = beast::http;
-using nlohmann::json;
-using namespace std::chrono_literals;
 
 inline std::string read_text(const std::filesystem::path& path) {
   std::ifstream in(path, std::ios::binary);
