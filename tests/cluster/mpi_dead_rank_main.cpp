@@ -55,7 +55,8 @@ int main(int argc, char** argv) {
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   const std::string expected = "all_gather timed out after 2000 ms waiting for rank " + std::to_string(dead);
   bool ok = kind == ErrorKind::kTimeout && error == expected && seconds >= 1.9 && seconds < 5.0;
-  // A later call fails at once: the communicator is broken.
+  // A later call fails at once: the communicator is broken. "At once" is under half the 2 s
+  // timeout, so it cannot pass by waiting, with room for a loaded 2-core CI machine.
   const auto later_start = std::chrono::steady_clock::now();
   std::string later = "no error";
   try {
@@ -65,7 +66,7 @@ int main(int argc, char** argv) {
     ok = ok && e.kind() == ErrorKind::kComm;
   }
   const double later_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - later_start).count();
-  ok = ok && later.find("communicator is broken") != std::string::npos && later_seconds < 0.1;
+  ok = ok && later.find("communicator is broken") != std::string::npos && later_seconds < 1.0;
   std::printf("rank %d: %s saw error after %.2f s: %s; later call after %.3f s: %s\n", rank, ok ? "PASS" : "FAIL",
               seconds, error.c_str(), later_seconds, later.c_str());
   std::fflush(stdout);
