@@ -202,7 +202,15 @@ print("== Timings of job %s: queue %s, prefill %s, first token %s, decode %s, to
     show("decode_seconds"), show("total_seconds")))'
 echo "   submit end to end (document prefill + question): $(python3 -c "print(f'{$end - $start:.2f}')") s"
 echo "== Metrics: $url/metrics (Bearer key in $work/api-key); Prometheus: deploy/prometheus/prometheus.yml, Grafana: deploy/grafana/unshackle.json"
-curl -fsS "${auth[@]}" "$url/metrics" | grep -E '^unshackle_(prompt_tokens_total|generation_tokens_total|request_finished_total\{reason="(stop|length)"\}|worker_group_up)' | sed 's/^/   /'
+metrics=$(curl -fsS "${auth[@]}" "$url/metrics")
+grep -E '^unshackle_(prompt_tokens_total|generation_tokens_total|request_finished_total\{reason="(stop|length)"\}|worker_group_up)' <<<"$metrics" | sed 's/^/   /'
+# Where the answer's attention went (sampled decode steps): mean share per part.
+awk '/^unshackle_attention_share_ratio_(sum|count)\{/ {
+       split($1, name, "{"); part = name[2]; sub(/.*part="/, "", part); sub(/".*/, "", part)
+       if (name[1] ~ /_sum$/) sum[part] = $2; else count[part] = $2 }
+     END { n = split("initial selected window", parts, " "); line = ""
+           for (i = 1; i <= n; ++i) if (count[parts[i]] > 0) line = line sprintf(" %s %.0f%%", parts[i], 100 * sum[parts[i]] / count[parts[i]])
+           if (line != "") print "   attention share of the answer (initial tokens, selected middle tokens, local window):" line }' <<<"$metrics"
 
 if [ "$keep_running" = 1 ]; then
   trap - EXIT

@@ -121,6 +121,15 @@ def plan_extra32k():
     return jobs
 
 
+def plan_extra64k():
+    """128x on the CPU: esa at the other two fixed depths, esa+lagkv, and streaming as the
+    control (about 10 minutes per esa trial on 2 cores)."""
+    jobs = [(65536, 1, 1, [depth], seed, "esa", 1) for depth, seed in ((0.1, 100), (0.9, 102))]
+    jobs.append((65536, 1, 1, [0.5], 101, "streaming", 1))
+    jobs.append((65536, 1, 1, [0.5], 101, "esa+lagkv", 1))
+    return jobs
+
+
 def plan_gpu():
     """One H200 through --backend cuda: ESA from 64x to 2048x the training length."""
     jobs = []
@@ -148,7 +157,7 @@ def main():
     ap.add_argument("--unshackle", required=True)
     ap.add_argument("--model", default=os.path.join(ROOT, "models", "needle-llama"))
     ap.add_argument("--results", required=True)
-    ap.add_argument("--plan", default="cpu", choices=["cpu", "extra", "extra8k", "extra32k", "gpu"])
+    ap.add_argument("--plan", default="cpu", choices=["cpu", "extra", "extra8k", "extra32k", "extra64k", "gpu"])
     ap.add_argument("--timeout", type=float, default=0, help="seconds per trial (0: none)")
     ap.add_argument("--max-jobs", type=int, default=0, help="stop after this many new trials (0: all)")
     ap.add_argument("--extra", default="", help="more generate arguments for every trial (e.g. '--backend cuda')")
@@ -158,7 +167,7 @@ def main():
     if os.path.exists(args.results):
         with open(args.results) as f:
             done = {json.loads(line)["key"] for line in f if line.strip()}
-    plans = {"cpu": plan_cpu, "extra": plan_extra, "extra8k": plan_extra8k, "extra32k": plan_extra32k, "gpu": plan_gpu}
+    plans = {"cpu": plan_cpu, "extra": plan_extra, "extra8k": plan_extra8k, "extra32k": plan_extra32k, "extra64k": plan_extra64k, "gpu": plan_gpu}
     jobs = [j for j in plans[args.plan]() if key_of(j) not in done]
     print(f"{len(jobs)} trials to run ({len(done)} already in {args.results})", flush=True)
     os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
