@@ -1,7 +1,10 @@
 // The TCP bootstrap of the NCCL unique id (for launchers without MPI): every rank gets rank
 // 0's id, and a rank whose rank 0 never listens fails within its timeout. Needs libnccl,
 // not a GPU (ncclGetUniqueId only touches the network); skips if NCCL refuses here.
+#include <arpa/inet.h>
 #include <gtest/gtest.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include <thread>
@@ -12,7 +15,23 @@
 namespace unshackle {
 namespace {
 
-int test_port(int offset) { return 20000 + static_cast<int>(getpid() % 20000) + offset; }
+// A loopback port free a moment ago (the kernel's pick for port 0). A port derived from the
+// pid collided under `ctest -j`: two test processes with neighbouring pids picked the same one,
+// and one's rank connected to the other's rank 0.
+int free_port() {
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  UNS_CHECK(fd >= 0, "socket() failed");
+  sockaddr_in address{};
+  address.sin_family = AF_INET;
+  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  address.sin_port = 0;
+  socklen_t length = sizeof address;
+  const bool ok = ::bind(fd, reinterpret_cast<sockaddr*>(&address), sizeof address) == 0 &&
+                  ::getsockname(fd, reinterpret_cast<sockaddr*>(&address), &length) == 0;
+  ::close(fd);
+  UNS_CHECK(ok, "no free loopback port");
+  return ntohs(address.sin_port);
+}
 
 TEST(NcclBootstrap, TcpHandsRankZerosIdToEveryRank) {
   try {
@@ -20,7 +39,7 @@ TEST(NcclBootstrap, TcpHandsRankZerosIdToEveryRank) {
   } catch (const Error& e) {
     GTEST_SKIP() << "ncclGetUniqueId unavailable on this machine: " << e.what();
   }
-  const int ranks = 3, port = test_port(1);
+  const int ranks = 3, port = free_port();
   std::vector<NcclId> ids(ranks);
   std::vector<std::string> errors(ranks);
   std::vector<std::thread> threads;
@@ -41,7 +60,7 @@ TEST(NcclBootstrap, TcpHandsRankZerosIdToEveryRank) {
 TEST(NcclBootstrap, MissingRankZeroTimesOut) {
   const auto start = std::chrono::steady_clock::now();
   try {
-    nccl_id_over_tcp("127.0.0.1", test_port(2), 1, 2, std::chrono::milliseconds(800));
+    nccl_id_over_tcp("127.0.0.1", free_port(), 1, 2, std::chrono::milliseconds(800));
     ADD_FAILURE() << "connected to nobody";
   } catch (const Error& e) {
     EXPECT_EQ(e.kind(), ErrorKind::kTimeout);
