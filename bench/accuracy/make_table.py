@@ -17,7 +17,7 @@ def main():
     single = [r for r in rows if r["ranks"] == 1]
     lengths = sorted({r["length"] for r in single})
     out = []
-    for title, pick in (("Single needle (1 fact, asked 1; depths 0.1 / 0.5 / 0.9 of the filler, plus uniform random depths at 512, 2048 and, for some modes, 8192)",
+    for title, pick in (("Single needle (1 fact, asked 1; depths 0.1 / 0.5 / 0.9 of the filler, plus uniform random depths at 512, 2048 and, for some modes, 8192 and 32768)",
                          lambda r: r["needles"] == 1),
                         ("Multi-needle (3 facts, asked 2, both codes in order)", lambda r: r["needles"] == 3)):
         cells = defaultdict(lambda: [0, 0])
