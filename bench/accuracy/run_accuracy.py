@@ -122,11 +122,14 @@ def plan_extra32k():
 
 
 def plan_extra64k():
-    """128x on the CPU: esa at the other two fixed depths, esa+lagkv, and streaming as the
-    control (about 10 minutes per esa trial on 2 cores)."""
+    """128x on the CPU: esa at the other two fixed depths, esa+lagkv, streaming as the
+    control, then one multi-needle esa and one block trial (about 10 minutes per esa trial on
+    2 cores)."""
     jobs = [(65536, 1, 1, [depth], seed, "esa", 1) for depth, seed in ((0.1, 100), (0.9, 102))]
     jobs.append((65536, 1, 1, [0.5], 101, "streaming", 1))
     jobs.append((65536, 1, 1, [0.5], 101, "esa+lagkv", 1))
+    jobs.append((65536, 3, 2, None, 400, "esa", 1))
+    jobs.append((65536, 1, 1, [0.5], 101, "block", 1))
     return jobs
 
 
