@@ -121,13 +121,9 @@ TEST_P(AttentionShareTest, EqualsFloat64AttentionOnEveryRank) {
   }
 }
 
-std::string share_name(const ::testing::TestParamInfo<std::tuple<int, int>>& param_info) {
-  return scenario_name(param_info);
-}
-
 // esa, exact-topk + lagkv, streaming, block (scenario order: mode-major, lagkv off/on).
 INSTANTIATE_TEST_SUITE_P(SelectionModes, AttentionShareTest,
-                         ::testing::Combine(::testing::Values(1, 2, 3), ::testing::Values(2, 5, 6, 8)), share_name);
+                         ::testing::Combine(::testing::Values(1, 2, 3), ::testing::Values(2, 5, 6, 8)), scenario_name);
 
 TEST(AttentionShareTest, FullModeIsNotMeasured) {
   Scenario s = all_scenarios().at(0);
