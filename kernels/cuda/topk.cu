@@ -1,9 +1,16 @@
 // Top-k launcher (kernel bodies and the method: topk.cuh). min(k, n) <= 4096 takes the radix
-// select (a memset and four launches, no full sort); anything larger a full CUB radix sort of
-// the same keys. Both give the SPEC order exactly; the op synchronises only to fill a non-null out_count.
+// select (three launches; no memset but the first on a new workspace), anything larger a full
+// CUB radix sort of the same keys. Both give the SPEC order exactly; the op synchronises only
+// to fill a non-null out_count.
+//
+// The workspace is top-k's own: its head holds the radix select's state, which the kernels
+// leave zeroed for the next call. It is zeroed here when the workspace is (re)allocated, and
+// dropped (freed, so the next call starts clean) when a call fails midway.
 #include <cub/device/device_radix_sort.cuh>
 
 #include <algorithm>
+#include <string>
+#include <utility>
 
 #include "cuda_check.h"
 #include "launchers.h"
@@ -14,48 +21,83 @@ namespace {
 
 size_t align_up(size_t bytes) { return (bytes + 255) / 256 * 256; }
 
-int multiprocessors() {
-  int device = 0, sms = 0;
+struct DeviceInfo {
+  int sms = 0;
+  bool dependent_launch = false;  // sm_90+: programmatic dependent launch
+};
+
+DeviceInfo device_info() {
+  int device = 0, sms = 0, major = 0;
   UNS_CUDA_CHECK(cudaGetDevice(&device));
   UNS_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  return sms;
+  UNS_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  return {sms, major >= 9};
+}
+
+// The state at the head of the workspace, then `payload` bytes (returned).
+unsigned char* reserve(Workspace& workspace, size_t payload, cudaStream_t stream) {
+  const size_t state_bytes = align_up(sizeof(topk::State));
+  const bool fresh = workspace.bytes < state_bytes + payload;  // reserve() reallocates: garbage
+  auto* base = static_cast<unsigned char*>(workspace.reserve(state_bytes + payload));
+  if (fresh) UNS_CUDA_CHECK(cudaMemsetAsync(base, 0, sizeof(topk::State), stream));
+  return base + state_bytes;
+}
+
+// After a failure between launches the state may be half-used: free it (the next call
+// allocates and zeroes a new one). Errors here are ignored: the first one is being reported.
+void drop(Workspace& workspace) noexcept {
+  cudaDeviceSynchronize();
+  if (workspace.data) cudaFree(workspace.data);
+  workspace.data = nullptr;
+  workspace.bytes = 0;
+}
+
+template <typename... Args, typename... Actual>
+void launch(bool dependent, void (*kernel)(Args...), unsigned grid, unsigned block, cudaStream_t stream,
+            Actual&&... args) {
+  cudaLaunchAttribute attribute{};
+  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(grid);
+  config.blockDim = dim3(block);
+  config.stream = stream;
+  config.attrs = dependent ? &attribute : nullptr;
+  config.numAttrs = dependent ? 1 : 0;
+  UNS_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, std::forward<Actual>(args)...));
 }
 
 // Returns the device address of the selected count.
 const uint32_t* radix_select(const TopKParams& p, Workspace& workspace, cudaStream_t stream) {
   using namespace topk;
-  const size_t n = static_cast<size_t>(p.n);
-  const uint32_t wanted = static_cast<uint32_t>(std::min<int64_t>(p.k, p.n));
-  const size_t state_bytes = align_up(sizeof(State)), list_bytes = align_up(kMaxSorted * (sizeof(uint64_t) + 4));
-  const size_t buffer_bytes = align_up(std::max<size_t>(n, 1) * sizeof(Candidate));
-  auto* base = static_cast<unsigned char*>(workspace.reserve(state_bytes + list_bytes + 2 * buffer_bytes));
-  auto* state = reinterpret_cast<State*>(base);
-  auto* out_keys = reinterpret_cast<uint64_t*>(base + state_bytes);
-  auto* out_index = reinterpret_cast<uint32_t*>(out_keys + kMaxSorted);
-  Candidate* buffer[2] = {reinterpret_cast<Candidate*>(base + state_bytes + list_bytes),
-                          reinterpret_cast<Candidate*>(base + state_bytes + list_bytes + buffer_bytes)};
-  UNS_CUDA_CHECK(cudaMemsetAsync(state, 0, sizeof(State), stream));
-  static const int sms = multiprocessors();
-  const unsigned grid = static_cast<unsigned>(std::clamp<int64_t>((p.n + kThreads * 8 - 1) / (kThreads * 8), 1, 4 * static_cast<int64_t>(sms)));
-  first_pass_kernel<<<grid, kThreads, 0, stream>>>(p, state, wanted);
+  const size_t n = static_cast<size_t>(std::max<int64_t>(p.n, 1));
+  const size_t list_keys = align_up(kMaxSorted * sizeof(uint64_t)), list_values = align_up(kMaxSorted * sizeof(float));
+  const size_t candidate_keys = align_up(n * sizeof(uint64_t)), candidate_values = align_up(n * sizeof(float));
+  unsigned char* base = reserve(workspace, list_keys + list_values + candidate_keys + candidate_values, stream);
+  auto* state = reinterpret_cast<State*>(static_cast<unsigned char*>(workspace.data));
+  const Lists lists{reinterpret_cast<uint64_t*>(base), reinterpret_cast<float*>(base + list_keys),
+                    reinterpret_cast<uint64_t*>(base + list_keys + list_values),
+                    reinterpret_cast<float*>(base + list_keys + list_values + candidate_keys)};
+  const DeviceInfo device = device_info();
+  const int64_t wanted = std::min(p.k, p.n);
+  const auto blocks = [](int64_t items, int64_t per_block, int64_t most) {
+    return static_cast<unsigned>(std::clamp<int64_t>((items + per_block - 1) / per_block, 1, most));
+  };
+  histogram_kernel<<<blocks(p.n, kHistThreads * kHistItems, 4 * int64_t{device.sms}), kHistThreads, 0, stream>>>(
+      p, state, static_cast<uint32_t>(wanted));
   UNS_CUDA_CHECK_LAUNCH();
-  second_pass_kernel<<<grid, kThreads, 0, stream>>>(p, state, buffer[1], out_keys, out_index);
-  UNS_CUDA_CHECK_LAUNCH();
-  const size_t shared = (1u << digit_bits(2)) * sizeof(uint32_t);  // the largest tail histogram
-  tail_kernel<<<1, kTailThreads, shared, stream>>>(p, state, buffer[0], buffer[1], out_keys, out_index);
-  UNS_CUDA_CHECK_LAUNCH();
-  // Fixed grid: the selected count is known on the device only (blocks past it only pad).
-  const int64_t rank_keys = std::max<int64_t>(wanted, 1);
-  rank_kernel<<<static_cast<unsigned>((rank_keys + kRankThreads - 1) / kRankThreads), kRankThreads, 0, stream>>>(
-      p, state, out_keys, out_index);
-  UNS_CUDA_CHECK_LAUNCH();
-  return &state->selected;
+  launch(device.dependent_launch, filter_kernel, blocks(p.n, kFilterThreads * kFilterItems, 2 * int64_t{device.sms}),
+         kFilterThreads, stream, p, state, lists);
+  // One block per kRankKeys selected keys, or more for long padding (k > n).
+  const unsigned rank_blocks = std::max(blocks(wanted, kRankKeys, int64_t{1} << 20),
+                                        blocks(p.k, kRankThreads * 4, 4 * int64_t{device.sms}));
+  launch(device.dependent_launch, rank_kernel, rank_blocks, kRankThreads, stream, p,
+         static_cast<const State*>(state), lists);
+  return &state->result;
 }
 
 const uint32_t* full_sort(const TopKParams& p, Workspace& workspace, cudaStream_t stream) {
   using namespace topk;
-  UNS_CUDA_REQUIRE(kInvalidArgument, p.n < (int64_t{1} << 31),
-                   "top_k: " + std::to_string(p.n) + " candidates exceed one launch");
   const int n = static_cast<int>(p.n);
   size_t sort_bytes = 0;
   UNS_CUDA_CHECK(cub::DeviceRadixSort::SortPairsDescending(nullptr, sort_bytes, static_cast<const uint64_t*>(nullptr),
@@ -63,7 +105,8 @@ const uint32_t* full_sort(const TopKParams& p, Workspace& workspace, cudaStream_
                                                           static_cast<const int32_t*>(nullptr),
                                                           static_cast<int32_t*>(nullptr), std::max(n, 1), 0, 64, stream));
   const size_t keys_bytes = align_up(sizeof(uint64_t) * std::max(n, 1)), index_bytes = align_up(sizeof(int32_t) * std::max(n, 1));
-  auto* base = static_cast<unsigned char*>(workspace.reserve(2 * keys_bytes + 2 * index_bytes + 256 + sort_bytes));
+  // After the radix select's state, which this path leaves alone.
+  unsigned char* base = reserve(workspace, 2 * keys_bytes + 2 * index_bytes + 256 + sort_bytes, stream);
   auto* keys_in = reinterpret_cast<uint64_t*>(base);
   auto* keys_out = reinterpret_cast<uint64_t*>(base + keys_bytes);
   auto* index_in = reinterpret_cast<int32_t*>(base + 2 * keys_bytes);
@@ -92,13 +135,21 @@ void launch_top_k(const TopKParams& p, Workspace& workspace, cudaStream_t stream
     if (p.out_count) *p.out_count = 0;
     return;
   }
-  const uint32_t* count = std::min(p.k, p.n) <= topk::kMaxSorted ? radix_select(p, workspace, stream)
-                                                                 : full_sort(p, workspace, stream);
-  if (!p.out_count) return;  // the caller counts the tokens before the -1 padding: no synchronisation
-  auto* host_count = static_cast<uint32_t*>(workspace.pinned());  // pinned: a short copy
-  UNS_CUDA_CHECK(cudaMemcpyAsync(host_count, count, sizeof *host_count, cudaMemcpyDeviceToHost, stream));
-  UNS_CUDA_CHECK(cudaStreamSynchronize(stream));
-  *p.out_count = std::min<int64_t>(static_cast<int64_t>(*host_count), p.k);
+  const bool select = std::min(p.k, p.n) <= topk::kMaxSorted;
+  // Counts are 32-bit in the select, indices 32-bit in the sort.
+  UNS_CUDA_REQUIRE(kInvalidArgument, p.n <= (select ? int64_t{0xffffffff} : int64_t{0x7fffffff}),
+                   "top_k: " + std::to_string(p.n) + " candidates exceed one launch");
+  try {
+    const uint32_t* count = select ? radix_select(p, workspace, stream) : full_sort(p, workspace, stream);
+    if (!p.out_count) return;  // the caller counts the tokens before the -1 padding: no synchronisation
+    auto* host_count = static_cast<uint32_t*>(workspace.pinned());  // pinned: a short copy
+    UNS_CUDA_CHECK(cudaMemcpyAsync(host_count, count, sizeof *host_count, cudaMemcpyDeviceToHost, stream));
+    UNS_CUDA_CHECK(cudaStreamSynchronize(stream));
+    *p.out_count = std::min<int64_t>(static_cast<int64_t>(*host_count), p.k);
+  } catch (...) {
+    drop(workspace);
+    throw;
+  }
 }
 
 }  // namespace unshackle::cuda

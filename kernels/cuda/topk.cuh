@@ -3,16 +3,24 @@
 //
 // Every candidate gets a unique 64-bit ranking key: the high word orders values (order-
 // preserving float bits, NaN = 0, -0 = +0), the low word is ~token (a lower token ranks
-// higher). The top-k set is then "the k largest keys", found by a radix select over six
-// digits (12, 11, 11, 10, 10, 10 bits from the top): each pass histograms the digit of the
-// surviving candidates, the bucket holding the k-th key is picked (by the last block to
-// finish, in the grid passes), and the next pass sends keys above that bucket to the output
-// list and keeps those inside it. Once a bucket holds exactly the keys still wanted, it is
-// taken whole and the later passes see no candidates. Passes 0 and 1 read the whole input
-// (grid kernels); passes 2..5 and the last filter run in one block; the rank order of the
-// <= k selected keys comes from counting, over many blocks. A memset, four launches and one
-// 4-byte copy to the host in all.
-// Tokens must lie in [0, 2^32 - 1) and be distinct for the low word to be unique.
+// higher). The top-k set is "the k largest keys", found by a radix select from the top bits.
+// Three launches, no memset, no host wait:
+//  1. histogram_kernel (grid): digit 0 (key bits 63..52) of every live entry into a global
+//     histogram; the last block to finish picks the bucket b0 that holds the k-th key.
+//  2. filter_kernel (grid): entries above b0 go to the selected list, those in b0 to the
+//     candidate buffer (with their digit 1, bits 51..41, into a second histogram). The last
+//     block to finish completes the select on the candidates alone (tail: more digits over the
+//     candidates still tied, in shared memory once they fit, the last <= 32 ranked by one warp)
+//     and zeroes the state for the next call.
+//  3. rank_kernel (grid): the rank order of the <= 4096 selected keys by counting (keys are
+//     unique: the key of rank r has exactly r larger keys), written out, padded with (-inf, -1).
+// Each block loads all its items before it uses any, and each block makes at most one global
+// atomic per counter per tile: the serial chain is short. On sm_90 kernels 2 and 3 are launched
+// early (programmatic dependent launch) and wait for their predecessor on the device.
+// The state stays zeroed between calls (kernel 2's last block restores it); the launcher
+// zeroes it once when the workspace is (re)allocated.
+// The output token comes from the key's low word: tokens must lie in [0, 2^32 - 1) and be
+// distinct (the key is then unique).
 #pragma once
 
 #include <cub/block/block_scan.cuh>
@@ -21,50 +29,77 @@
 
 namespace unshackle::cuda::topk {
 
-constexpr int kPasses = 6;
-constexpr int kMaxBins = 4096;
-constexpr int kThreads = 256;
-constexpr int kMaxSorted = 4096;  // largest min(k, n) of the radix-select path
-__host__ __device__ constexpr int digit_bits(int pass) { return pass == 0 ? 12 : pass < 3 ? 11 : 10; }
-__host__ __device__ constexpr int digit_shift(int pass) {
-  return pass == 0 ? 52 : pass == 1 ? 41 : pass == 2 ? 30 : pass == 3 ? 20 : pass == 4 ? 10 : 0;
-}
+constexpr int kMaxSorted = 4096;           // largest min(k, n) of the radix-select path
+constexpr int kBins0 = 4096, kShift0 = 52;  // digit 0: key bits 63..52
+constexpr int kBins1 = 2048, kShift1 = 41;  // digit 1: key bits 51..41
+constexpr int kFixed1 = 23;                 // key bits fixed by digits 0 and 1
+constexpr int kHistThreads = 256, kHistItems = 8;
+constexpr int kFilterThreads = 512, kFilterItems = 8;
+constexpr int kTailItems = 8;   // candidates per thread in flight in the tail's scans
+constexpr int kShared = 2048;   // tied candidates the tail moves to shared memory
+constexpr int kFew = 32;        // tied candidates one warp ranks directly
+constexpr int kRankThreads = 256, kRankKeysPerWarp = 2, kRankKeys = kRankThreads / 32 * kRankKeysPerWarp;
+constexpr uint32_t kNone = 0xffffffffu;  // a bucket above every digit: nothing taken
+// Digits after the first 23 bits: 11, 10, 10, 10 (23 -> 34 -> 44 -> 54 -> 64).
+__host__ __device__ constexpr int tail_bits(int fixed) { return fixed == kFixed1 ? 11 : 10; }
 
-// The select decision of one pass: keys whose digit is above `bucket` are in; those equal to
-// it are in when `whole`, else they are the next pass's candidates (`remaining` still wanted).
+// One select step: keys whose digit is above `bucket` are in; those equal to it are in when
+// `whole`, else `remaining` of them (of `count`) are still wanted.
 struct Decision {
   uint32_t bucket;
   uint32_t remaining;
   uint32_t whole;
-  uint32_t pad;
+  uint32_t count;
 };
 
-// Device state, zeroed by one memset before each top-k.
+// Device state. Everything but `result` and `first` is zero between calls.
 struct State {
-  uint32_t hist[kPasses][kMaxBins];
-  uint32_t ticket[kPasses + 1];
-  uint32_t candidates[kPasses + 1];  // candidates written by pass j (j >= 1)
-  uint32_t valid;                    // entries with token >= 0
-  uint32_t selected;                 // length of the output list
-  Decision decision[kPasses];
+  uint32_t hist0[kBins0];
+  uint32_t hist1[kBins1];
+  uint32_t ticket0, ticket1;  // blocks finished, kernels 1 and 2
+  uint32_t valid;             // entries with token >= 0
+  uint32_t selected;          // length of the selected list (kernel 2's blocks)
+  uint32_t candidates;        // length of the candidate buffer
+  uint32_t result;            // final selected count: kernel 3 and the host read it
+  Decision first;             // kernel 1 -> kernel 2
 };
 
-struct Candidate {
-  uint64_t key;
-  uint32_t index;
-  uint32_t pad;
+// Selected list (<= kMaxSorted, unordered) and candidate buffer (<= n): key and raw value.
+struct Lists {
+  uint64_t* selected_keys;
+  float* selected_values;
+  uint64_t* candidate_keys;
+  float* candidate_values;
 };
 
-__device__ __forceinline__ uint64_t ranking_key(float value, int64_t token) {
-  uint32_t bits = __float_as_uint(value);
-  if (value != value) bits = 0;            // NaN: below every number
-  else if (value == 0.0f) bits = 0x80000000u;  // -0 ties with +0, as in the CPU's comparison
-  else bits = (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
-  return (static_cast<uint64_t>(bits) << 32) | (0xffffffffu - static_cast<uint32_t>(token));
+// Programmatic dependent launch (sm_90): let the next kernel's blocks start, and wait for the
+// previous kernel's completion (and its memory). No-ops below sm_90 or without the launch
+// attribute (then the stream orders the kernels as usual).
+__device__ __forceinline__ void launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wait_for_prerequisites() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
 }
 
-__device__ __forceinline__ uint32_t digit_of(uint64_t key, int pass) {
-  return static_cast<uint32_t>(key >> digit_shift(pass)) & ((1u << digit_bits(pass)) - 1u);
+__device__ __forceinline__ uint32_t ordered_bits(float value) {
+  const uint32_t bits = __float_as_uint(value);
+  if (value != value) return 0;               // NaN: below every number
+  if (value == 0.0f) return 0x80000000u;      // -0 ties with +0, as in the CPU's comparison
+  return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+}
+
+// Live entries only (token >= 0): the low word is >= 1, so no live key is 0.
+__device__ __forceinline__ uint64_t ranking_key(float value, int64_t token) {
+  return (static_cast<uint64_t>(ordered_bits(value)) << 32) | (0xffffffffu - static_cast<uint32_t>(token));
+}
+
+__device__ __forceinline__ int64_t token_of(uint64_t key) {
+  return static_cast<int64_t>(0xffffffffu - static_cast<uint32_t>(key));
 }
 
 // Warp-aggregated append: every lane of the warp calls it; lanes with `take` get a slot.
@@ -82,43 +117,47 @@ __device__ __forceinline__ uint32_t warp_append(bool take, uint32_t* counter) {
 // lanes with take == false pass any digit and add nothing).
 __device__ __forceinline__ void warp_histogram_add(uint32_t* hist, uint32_t digit, bool take) {
   const unsigned active = __ballot_sync(0xffffffffu, take);
+  if (active == 0) return;
   const unsigned peers = __match_any_sync(0xffffffffu, take ? digit : 0xffffffffu) & active;
   const int lane = threadIdx.x % 32;
   if (take && lane == __ffs(peers) - 1) atomicAdd(hist + digit, static_cast<uint32_t>(__popc(peers)));
 }
 
-// Picks the bucket of the r-th largest key (1-based) from a finished histogram. One block.
-template <int kBlock, bool kSharedHist>
-__device__ void choose_bucket(const uint32_t* hist, int bins, uint32_t total, uint32_t r, Decision* out) {
-  using Scan = cub::BlockScan<uint32_t, kBlock>;
+// The bucket holding the r-th largest (1-based) of `total` keys counted in `hist` (a higher
+// bin holds larger keys). Block-wide (every thread calls it with the same arguments and gets
+// the answer). r == 0 takes nothing; r >= total takes everything.
+template <int kThreads, int kBins, bool kGlobal>
+__device__ Decision choose_bucket(const uint32_t* hist, uint32_t total, uint32_t r) {
+  static_assert(kBins % kThreads == 0, "whole bins per thread");
+  using Scan = cub::BlockScan<uint32_t, kThreads>;
   __shared__ typename Scan::TempStorage scan_storage;
-  if (r == 0) {  // nothing wanted: no digit is above 0xffffffff
-    if (threadIdx.x == 0) *out = {0xffffffffu, 0, 1, 0};
-    return;
+  __shared__ Decision answer;
+  if (r == 0) return {kNone, 0, 1, 0};
+  if (r >= total) return {0, total, 1, total};
+  constexpr int per = kBins / kThreads;
+  const int top = kBins - 1 - static_cast<int>(threadIdx.x) * per;  // thread 0 owns the highest bins
+  uint32_t h[per], sum = 0;
+#pragma unroll
+  for (int q = 0; q < per; ++q) {
+    h[q] = kGlobal ? __ldcg(hist + top - q) : hist[top - q];
+    sum += h[q];
   }
-  if (total <= r) {  // everything is wanted
-    if (threadIdx.x == 0) *out = {0, total, 1, 0};
-    return;
-  }
-  // Thread t owns `per` bins, the highest bins going to thread 0.
-  const int per = bins / kBlock;
-  const int hi = bins - threadIdx.x * per, lo = hi - per;
-  uint32_t sum = 0;
-  const auto bin = [&](int b) { return kSharedHist ? hist[b] : __ldcg(hist + b); };
-  for (int b = lo; b < hi; ++b) sum += bin(b);
+  __syncthreads();  // the storage and answer of an earlier call are free
   uint32_t above = 0;
   Scan(scan_storage).ExclusiveSum(sum, above);
   if (above < r && r <= above + sum) {
-    for (int b = hi - 1; b >= lo; --b) {
-      const uint32_t h = bin(b);
-      if (above + h >= r) {
+#pragma unroll
+    for (int q = 0; q < per; ++q) {
+      if (above + h[q] >= r) {
         const uint32_t remaining = r - above;
-        *out = {static_cast<uint32_t>(b), remaining, h == remaining ? 1u : 0u, 0};
+        answer = {static_cast<uint32_t>(top - q), remaining, h[q] == remaining ? 1u : 0u, h[q]};
         break;
       }
-      above += h;
+      above += h[q];
     }
   }
+  __syncthreads();
+  return answer;
 }
 
 // True in every thread of the block that finished last (after its global atomics).
@@ -138,149 +177,259 @@ __device__ __forceinline__ void flush_histogram(const uint32_t* shared_hist, uin
     if (shared_hist[b]) atomicAdd(hist + b, shared_hist[b]);
 }
 
-// Pass 0: keys of the raw input, histogram of digit 0, count of valid entries.
-__global__ void __launch_bounds__(kThreads) first_pass_kernel(TopKParams p, State* state, uint32_t k) {
-  __shared__ uint32_t shared_hist[kMaxBins];
+// Kernel 1: digit 0 of every live entry, the count of live entries, and (last block) the
+// bucket of the wanted-th key, wanted = min(k, live entries).
+__global__ void __launch_bounds__(kHistThreads) histogram_kernel(TopKParams p, State* state, uint32_t wanted_max) {
+  __shared__ uint32_t hist[kBins0];
   __shared__ uint32_t block_valid;
-  constexpr int bins = 1 << digit_bits(0);
-  for (int b = threadIdx.x; b < bins; b += blockDim.x) shared_hist[b] = 0;
+  launch_dependents();
+  for (int b = threadIdx.x; b < kBins0; b += kHistThreads) hist[b] = 0;
   if (threadIdx.x == 0) block_valid = 0;
   __syncthreads();
   uint32_t valid = 0;
-  for (int64_t base = static_cast<int64_t>(blockIdx.x) * blockDim.x + (threadIdx.x & ~31); base < p.n;
-       base += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t i = base + threadIdx.x % 32;
-    const int64_t token = i < p.n ? p.tokens[i] : -1;
-    const bool live = token >= 0;
-    valid += live;
-    warp_histogram_add(shared_hist, live ? digit_of(ranking_key(p.values[i], token), 0) : 0, live);
+  constexpr int64_t tile = kHistThreads * kHistItems;
+  for (int64_t base = blockIdx.x * tile; base < p.n; base += gridDim.x * tile) {
+    int64_t token[kHistItems];
+    float value[kHistItems];
+#pragma unroll
+    for (int j = 0; j < kHistItems; ++j) {  // every load in flight before any is used
+      const int64_t i = base + j * kHistThreads + threadIdx.x;
+      token[j] = i < p.n ? __ldg(p.tokens + i) : -1;
+      value[j] = i < p.n ? __ldg(p.values + i) : 0.0f;
+    }
+#pragma unroll
+    for (int j = 0; j < kHistItems; ++j) {
+      const bool live = token[j] >= 0;
+      valid += live;
+      warp_histogram_add(hist, ordered_bits(value[j]) >> (kShift0 - 32), live);
+    }
   }
   valid = __reduce_add_sync(0xffffffffu, valid);
   if (threadIdx.x % 32 == 0 && valid) atomicAdd(&block_valid, valid);
-  flush_histogram(shared_hist, state->hist[0], bins);
+  flush_histogram(hist, state->hist0, kBins0);
   if (threadIdx.x == 0 && block_valid) atomicAdd(&state->valid, block_valid);
-  if (!last_block_done(&state->ticket[0])) return;
+  if (!last_block_done(&state->ticket0)) return;
+  if (threadIdx.x == 0) state->ticket0 = 0;
   const uint32_t total = __ldcg(&state->valid);
-  choose_bucket<kThreads, false>(state->hist[0], bins, total, min(k, total), &state->decision[0]);
+  const Decision d = choose_bucket<kHistThreads, kBins0, true>(state->hist0, total, min(wanted_max, total));
+  if (threadIdx.x == 0) state->first = d;
 }
 
-// Pass 1 (grid): filter the raw input by pass 0's decision (above the bucket: output list;
-// inside it: output when taken whole, else a candidate of pass 1), histogram digit 1, decide.
-__global__ void __launch_bounds__(kThreads) second_pass_kernel(TopKParams p, State* state, Candidate* next,
-                                                              uint64_t* out_keys, uint32_t* out_index) {
-  constexpr int bins = 1 << digit_bits(1);
-  __shared__ uint32_t shared_hist[bins];
-  const Decision prev = state->decision[0];
-  for (int b = threadIdx.x; b < bins; b += blockDim.x) shared_hist[b] = 0;
+// Calls f(key, value, live) for the entries [0, count) of (keys, values), kTailItems per
+// thread loaded before any is used; every lane calls f equally often (f may use warp votes).
+template <bool kGlobal, typename F>
+__device__ __forceinline__ void for_each_candidate(const uint64_t* keys, const float* values, int64_t count, F&& f) {
+  constexpr int64_t chunk = kFilterThreads * kTailItems;
+  for (int64_t base = 0; base < count; base += chunk) {
+    uint64_t key[kTailItems];
+    float value[kTailItems];
+#pragma unroll
+    for (int j = 0; j < kTailItems; ++j) {
+      const int64_t i = base + j * kFilterThreads + threadIdx.x;
+      key[j] = i < count ? (kGlobal ? __ldcg(keys + i) : keys[i]) : 0;
+      value[j] = i < count ? (kGlobal ? __ldcg(values + i) : values[i]) : 0.0f;
+    }
+#pragma unroll
+    for (int j = 0; j < kTailItems; ++j) f(key[j], value[j], key[j] != 0);
+  }
+}
+
+// Kernel 2: filter by kernel 1's decision, digit 1 of the candidates; the last block finishes.
+__global__ void __launch_bounds__(kFilterThreads, 2) filter_kernel(TopKParams p, State* state, Lists lists) {
+  __shared__ uint32_t hist[kBins1];  // digit 1 here; the tail's digits later
+  __shared__ uint32_t take_count, keep_count, take_base, keep_base;
+  launch_dependents();
+  for (int b = threadIdx.x; b < kBins1; b += kFilterThreads) hist[b] = 0;
+  if (threadIdx.x == 0) take_count = keep_count = 0;
   __syncthreads();
-  for (int64_t base = static_cast<int64_t>(blockIdx.x) * blockDim.x + (threadIdx.x & ~31); base < p.n;
-       base += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t i = base + threadIdx.x % 32;
-    const int64_t token = i < p.n ? p.tokens[i] : -1;
-    const bool live = token >= 0;
-    const uint64_t key = live ? ranking_key(p.values[i], token) : 0;
-    const uint32_t digit = digit_of(key, 0);
-    const bool take = live && (digit > prev.bucket || (prev.whole && digit == prev.bucket));
-    const bool keep = live && !prev.whole && digit == prev.bucket;
-    const uint32_t slot = warp_append(take, &state->selected);
-    if (take && slot < kMaxSorted) {
-      out_keys[slot] = key;
-      out_index[slot] = static_cast<uint32_t>(i);
+  wait_for_prerequisites();
+  const Decision first = state->first;
+  constexpr int64_t tile = kFilterThreads * kFilterItems;
+  for (int64_t base = blockIdx.x * tile; base < p.n; base += gridDim.x * tile) {
+    uint64_t key[kFilterItems];
+    float value[kFilterItems];
+#pragma unroll
+    for (int j = 0; j < kFilterItems; ++j) {
+      const int64_t i = base + j * kFilterThreads + threadIdx.x;
+      const int64_t token = i < p.n ? __ldg(p.tokens + i) : -1;
+      value[j] = i < p.n ? __ldg(p.values + i) : 0.0f;
+      key[j] = token >= 0 ? ranking_key(value[j], token) : 0;
     }
-    const uint32_t at = warp_append(keep, &state->candidates[1]);
-    if (keep) next[at] = {key, static_cast<uint32_t>(i), 0};
-    warp_histogram_add(shared_hist, digit_of(key, 1), keep);
+    // Slots within the block (shared atomics), then one global atomic per list per tile.
+    uint32_t slot[kFilterItems], kind = 0;  // kind: 2 bits per item, 1 = selected, 2 = candidate
+#pragma unroll
+    for (int j = 0; j < kFilterItems; ++j) {
+      const uint32_t digit = static_cast<uint32_t>(key[j] >> kShift0);
+      const bool live = key[j] != 0;
+      const bool take = live && (digit > first.bucket || (first.whole && digit == first.bucket));
+      const bool keep = live && !first.whole && digit == first.bucket;
+      const uint32_t take_slot = warp_append(take, &take_count), keep_slot = warp_append(keep, &keep_count);
+      slot[j] = take ? take_slot : keep_slot;
+      kind |= (take ? 1u : keep ? 2u : 0u) << (2 * j);
+      warp_histogram_add(hist, static_cast<uint32_t>(key[j] >> kShift1) & (kBins1 - 1), keep);
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) take_base = take_count ? atomicAdd(&state->selected, take_count) : 0;
+    if (threadIdx.x == 32) keep_base = keep_count ? atomicAdd(&state->candidates, keep_count) : 0;
+    __syncthreads();
+#pragma unroll
+    for (int j = 0; j < kFilterItems; ++j) {
+      const uint32_t k = (kind >> (2 * j)) & 3u;
+      if (k == 1 && take_base + slot[j] < kMaxSorted) {
+        lists.selected_keys[take_base + slot[j]] = key[j];
+        lists.selected_values[take_base + slot[j]] = value[j];
+      } else if (k == 2) {
+        lists.candidate_keys[keep_base + slot[j]] = key[j];
+        lists.candidate_values[keep_base + slot[j]] = value[j];
+      }
+    }
+    __syncthreads();  // every thread has read the bases
+    if (threadIdx.x == 0) take_count = keep_count = 0;
+    __syncthreads();
   }
-  flush_histogram(shared_hist, state->hist[1], bins);
-  if (!last_block_done(&state->ticket[1])) return;
-  if (prev.whole) {
-    if (threadIdx.x == 0) state->decision[1] = {0xffffffffu, 0, 1, 0};
-    return;
-  }
-  choose_bucket<kThreads, false>(state->hist[1], bins, __ldcg(&state->candidates[1]), prev.remaining, &state->decision[1]);
-}
+  flush_histogram(hist, state->hist1, kBins1);
+  if (!last_block_done(&state->ticket1)) return;
 
-// One block: passes 2..5 over the (usually few) candidates left by pass 1 and the last
-// filter into the output list (rank_kernel orders it). Many exact ties (say every value
-// equal) leave many candidates: still right, one SM slower.
-constexpr int kTailThreads = 1024;
-__global__ void __launch_bounds__(kTailThreads) tail_kernel(TopKParams p, State* state, Candidate* buffer0,
-                                                           Candidate* buffer1, uint64_t* out_keys, uint32_t* out_index) {
-  extern __shared__ uint64_t dynamic_shared[];  // the histogram of each pass
-  __shared__ Decision decision;
-  auto* hist = reinterpret_cast<uint32_t*>(dynamic_shared);
-  if (threadIdx.x == 0) decision = state->decision[1];
+  // Tail (one block): the candidates all share digit 0 = b0; `first.remaining` of them are
+  // wanted. Digit 1's bucket fixes 23 key bits (`prefix`); while more than kFew candidates tie
+  // on the prefix and not all of them are wanted, histogram the next digit over those that
+  // tie (from the candidate buffer, or from shared memory once they fit there). Candidates
+  // above the prefix are selected; those on it are selected whole, or ranked by one warp.
+  __shared__ uint32_t tail_selected, shared_count, few_count;
+  __shared__ uint64_t shared_keys[kShared], few_keys[kFew];
+  __shared__ float shared_values[kShared], few_values[kFew];
+  if (threadIdx.x == 0) {
+    state->ticket1 = 0;
+    tail_selected = min(__ldcg(&state->selected), static_cast<uint32_t>(kMaxSorted));
+    shared_count = few_count = 0;
+  }
+  const uint32_t candidates = __ldcg(&state->candidates);
   __syncthreads();
-  Candidate* in = buffer1;  // pass 1 wrote its candidates here
-  Candidate* next = buffer0;
-  for (int pass = 2; pass <= kPasses; ++pass) {
-    const Decision prev = decision;
-    const bool histogram = pass < kPasses && !prev.whole;
-    const int bins = pass < kPasses ? 1 << digit_bits(pass) : 0;
-    if (histogram)
-      for (int b = threadIdx.x; b < bins; b += blockDim.x) hist[b] = 0;
-    __syncthreads();
-    const int64_t count = __ldcg(&state->candidates[pass - 1]);
-    for (int64_t base = threadIdx.x & ~31; base < count; base += blockDim.x) {
-      const int64_t i = base + threadIdx.x % 32;
-      const bool live = i < count;
-      const Candidate cand = live ? in[i] : Candidate{0, 0, 0};
-      const uint32_t digit = digit_of(cand.key, pass - 1);
-      const bool take = live && (digit > prev.bucket || (prev.whole && digit == prev.bucket));
-      const bool keep = live && histogram && digit == prev.bucket;
-      const uint32_t slot = warp_append(take, &state->selected);
-      if (take && slot < kMaxSorted) {
-        out_keys[slot] = cand.key;
-        out_index[slot] = cand.index;
-      }
-      if (pass < kPasses) {
-        const uint32_t at = warp_append(keep, &state->candidates[pass]);
-        if (keep) next[at] = cand;
-        warp_histogram_add(hist, digit_of(cand.key, pass < kPasses ? pass : 0), keep);
-      }
+  const auto select = [&](bool take, uint64_t key, float value) {
+    const uint32_t at = warp_append(take, &tail_selected);
+    if (take && at < kMaxSorted) {
+      lists.selected_keys[at] = key;
+      lists.selected_values[at] = value;
     }
-    __syncthreads();
-    if (pass < kPasses) {
-      if (!histogram) {
-        if (threadIdx.x == 0) decision = {0xffffffffu, 0, 1, 0};
-      } else {
-        choose_bucket<kTailThreads, true>(hist, bins, __ldcg(&state->candidates[pass]), prev.remaining, &decision);
+  };
+  if (!first.whole) {
+    Decision d = choose_bucket<kFilterThreads, kBins1, true>(state->hist1, candidates, first.remaining);
+    uint64_t prefix = (static_cast<uint64_t>(first.bucket) << (kShift0 - kShift1)) | d.bucket;
+    int fixed = kFixed1;
+    bool in_shared = false;
+    const uint64_t* keys = lists.candidate_keys;
+    const float* values = lists.candidate_values;
+    int64_t count = candidates;
+    // Scans the current source (the buffer in global memory, or shared memory).
+    const auto scan = [&](auto&& f) {
+      if (in_shared) for_each_candidate<false>(keys, values, count, f);
+      else for_each_candidate<true>(keys, values, count, f);
+    };
+    while (!d.whole && d.count > static_cast<uint32_t>(kFew) && fixed < 64) {
+      if (!in_shared && d.count <= static_cast<uint32_t>(kShared)) {
+        // Into shared memory: those above the prefix are selected, those on it kept.
+        scan([&](uint64_t key, float value, bool live) {
+          const uint64_t top = key >> (64 - fixed);
+          select(live && top > prefix, key, value);
+          const bool tie = live && top == prefix;
+          const uint32_t at = warp_append(tie, &shared_count);
+          if (tie && at < kShared) {
+            shared_keys[at] = key;
+            shared_values[at] = value;
+          }
+        });
+        __syncthreads();
+        in_shared = true;
+        keys = shared_keys;
+        values = shared_values;
+        count = min(shared_count, static_cast<uint32_t>(kShared));
       }
+      const int bits = tail_bits(fixed), shift = 64 - fixed - bits;
+      for (int b = threadIdx.x; b < (1 << bits); b += kFilterThreads) hist[b] = 0;
+      __syncthreads();
+      scan([&](uint64_t key, float, bool live) {
+        const bool tie = live && (key >> (64 - fixed)) == prefix;
+        warp_histogram_add(hist, static_cast<uint32_t>(key >> shift) & ((1u << bits) - 1u), tie);
+      });
+      __syncthreads();
+      d = bits == 11 ? choose_bucket<kFilterThreads, 2048, false>(hist, d.count, d.remaining)
+                     : choose_bucket<kFilterThreads, 1024, false>(hist, d.count, d.remaining);
+      prefix = (prefix << bits) | d.bucket;
+      fixed += bits;
     }
+    // Last scan: above the prefix, or on it when all of those are wanted: selected; else the
+    // (<= kFew) ties go to one warp.
+    scan([&](uint64_t key, float value, bool live) {
+      const uint64_t top = key >> (64 - fixed);
+      select(live && (top > prefix || (d.whole && top == prefix)), key, value);
+      const bool tie = live && !d.whole && top == prefix;
+      const uint32_t at = warp_append(tie, &few_count);
+      if (tie && at < kFew) {
+        few_keys[at] = key;
+        few_values[at] = value;
+      }
+    });
     __syncthreads();
-    Candidate* t = in;
-    in = next;
-    next = t;
+    if (!d.whole && threadIdx.x < 32) {  // the d.remaining largest of the ties
+      const uint32_t lane = threadIdx.x, few = min(few_count, static_cast<uint32_t>(kFew));
+      const uint64_t mine = lane < few ? few_keys[lane] : 0;
+      uint32_t above = 0;
+      for (uint32_t j = 0; j < few; ++j) above += few_keys[j] > mine;
+      select(lane < few && above < d.remaining, mine, lane < few ? few_values[lane] : 0.0f);
+    }
   }
-
+  __syncthreads();
+  // Zero the state for the next call (kernel 1 of this call is done, and so is every other
+  // block of this kernel).
+  for (int b = threadIdx.x; b < kBins0; b += kFilterThreads) state->hist0[b] = 0;
+  for (int b = threadIdx.x; b < kBins1; b += kFilterThreads) state->hist1[b] = 0;
+  if (threadIdx.x == 0) {
+    state->valid = 0;
+    state->selected = 0;
+    state->candidates = 0;
+    state->result = min(tail_selected, static_cast<uint32_t>(kMaxSorted));
+  }
 }
 
-// Rank-order output of the <= kMaxSorted selected keys, by counting: the key of rank r has
-// exactly r larger keys (keys are unique), so thread i writes its entry at the count of keys
-// above its own. Many blocks (kRankThreads keys each) replace the single-block bitonic sort
-// (66 barrier stages at k = 2048). Entries [selected, k) are padded with (-inf, -1).
-constexpr int kRankThreads = 128;
-__global__ void __launch_bounds__(kRankThreads) rank_kernel(TopKParams p, const State* state, const uint64_t* out_keys,
-                                                           const uint32_t* out_index) {
+// Kernel 3: padding, and the rank order of the selected keys: warp w of block b ranks keys
+// b * kRankKeys + w * kRankKeysPerWarp + q, its lanes counting the larger keys in a stride.
+__global__ void __launch_bounds__(kRankThreads) rank_kernel(TopKParams p, const State* state, Lists lists) {
   __shared__ uint64_t keys[kMaxSorted];
-  const uint32_t selected = min(static_cast<uint32_t>(kMaxSorted), __ldcg(&state->selected));
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  // Padding first (blocks past the selected keys do only this).
-  for (int64_t j = selected + i; j < p.k; j += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+  wait_for_prerequisites();
+  const uint32_t selected = min(__ldcg(&state->result), static_cast<uint32_t>(kMaxSorted));
+  const int64_t thread = static_cast<int64_t>(blockIdx.x) * kRankThreads + threadIdx.x;
+  for (int64_t j = selected + thread; j < p.k; j += static_cast<int64_t>(gridDim.x) * kRankThreads) {
     p.out_values[j] = neg_inf();
     p.out_tokens[j] = -1;
   }
-  if (static_cast<int64_t>(blockIdx.x) * blockDim.x >= selected) return;
-  for (uint32_t j = threadIdx.x; j < selected; j += blockDim.x) keys[j] = __ldcg(out_keys + j);
+  const uint32_t first = blockIdx.x * kRankKeys;
+  if (first >= selected) return;
+  const uint32_t lane = threadIdx.x % 32, own = first + threadIdx.x / 32 * kRankKeysPerWarp;
+  uint64_t mine[kRankKeysPerWarp];
+  float value[kRankKeysPerWarp];
+#pragma unroll
+  for (int q = 0; q < kRankKeysPerWarp; ++q) {
+    const bool valid = own + q < selected;
+    mine[q] = valid ? __ldcg(lists.selected_keys + own + q) : ~0ull;
+    value[q] = valid ? __ldcg(lists.selected_values + own + q) : 0.0f;
+  }
+#pragma unroll 4
+  for (uint32_t j = threadIdx.x; j < selected; j += kRankThreads) keys[j] = __ldcg(lists.selected_keys + j);
   __syncthreads();
-  if (i >= selected) return;
-  const uint64_t mine = keys[i];
-  uint32_t rank = 0;
-#pragma unroll 8
-  for (uint32_t j = 0; j < selected; ++j) rank += keys[j] > mine;  // every lane reads keys[j]: a broadcast
-  const uint32_t at = __ldcg(out_index + i);
-  p.out_values[rank] = p.values[at];
-  p.out_tokens[rank] = p.tokens[at];
+  uint32_t above[kRankKeysPerWarp] = {};
+  for (uint32_t j = lane; j < selected; j += 32) {
+    const uint64_t other = keys[j];
+#pragma unroll
+    for (int q = 0; q < kRankKeysPerWarp; ++q) above[q] += other > mine[q];
+  }
+#pragma unroll
+  for (int q = 0; q < kRankKeysPerWarp; ++q) {
+    const uint32_t rank = __reduce_add_sync(0xffffffffu, above[q]);
+    if (lane == static_cast<uint32_t>(q) && own + q < selected && rank < p.k) {
+      p.out_values[rank] = value[q];
+      p.out_tokens[rank] = token_of(mine[q]);
+    }
+  }
 }
 
 // The general path (min(k, n) above kMaxSorted): a full descending radix sort of the keys.
