@@ -5,9 +5,12 @@
 // every test skips with the reason.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <numeric>
+#include <string>
+#include <utility>
 
 #include "test_data.h"
 #include "tolerance.h"
@@ -394,6 +397,133 @@ TEST_F(CudaBackendTest, TopKCornerCasesExactly) {
   EXPECT_EQ(count, 0);
   EXPECT_EQ(download<int64_t>(ot, 3), std::vector<int64_t>(3, -1));
   for (float x : download<float>(ov, 3)) EXPECT_EQ(x, -INFINITY);
+}
+
+// Compares one GPU top-k with the CPU's, tokens and value bits exactly (NaN == NaN, -0 != +0:
+// the kernel returns the input values themselves). `queued`: no out_count (the GPU op then
+// does not synchronise; the count is read from the -1 padding).
+void expect_top_k_like_cpu(Backend& gpu, Backend& cpu, const BackendBuffer& dv, const BackendBuffer& dt,
+                           const std::vector<float>& values, const std::vector<int64_t>& tokens, int64_t k,
+                           bool queued, const std::string& what) {
+  SCOPED_TRACE(what + " n " + std::to_string(values.size()) + " k " + std::to_string(k) + (queued ? " queued" : ""));
+  const int64_t n = static_cast<int64_t>(values.size());
+  std::vector<float> want_v(static_cast<size_t>(k));
+  std::vector<int64_t> want_t(static_cast<size_t>(k));
+  int64_t want_count = 0, got_count = -1;
+  cpu.top_k({.values = values.data(), .tokens = tokens.data(), .n = n, .k = k, .out_values = want_v.data(),
+             .out_tokens = want_t.data(), .out_count = &want_count});
+  BackendBuffer ov(gpu, static_cast<size_t>(k) * 4), ot(gpu, static_cast<size_t>(k) * 8);
+  const std::vector<float> nan(static_cast<size_t>(k), std::nanf(""));
+  const std::vector<int64_t> poison(static_cast<size_t>(k), 77);
+  gpu.copy_to_backend(ov.data(), nan.data(), nan.size() * 4);
+  gpu.copy_to_backend(ot.data(), poison.data(), poison.size() * 8);
+  gpu.top_k({.values = dv.as<float>(), .tokens = dt.as<int64_t>(), .n = n, .k = k, .out_values = ov.as<float>(),
+             .out_tokens = ot.as<int64_t>(), .out_count = queued ? nullptr : &got_count});
+  std::vector<float> got_v(static_cast<size_t>(k));
+  std::vector<int64_t> got_t(static_cast<size_t>(k));
+  gpu.copy_to_host(got_v.data(), ov.data(), got_v.size() * 4);
+  gpu.copy_to_host(got_t.data(), ot.data(), got_t.size() * 8);
+  if (queued) got_count = std::find(got_t.begin(), got_t.end(), int64_t{-1}) - got_t.begin();
+  EXPECT_EQ(got_count, want_count);
+  EXPECT_EQ(got_t, want_t);
+  std::vector<uint32_t> got_bits(got_v.size()), want_bits(want_v.size());
+  std::memcpy(got_bits.data(), got_v.data(), got_v.size() * 4);
+  std::memcpy(want_bits.data(), want_v.data(), want_v.size() * 4);
+  EXPECT_EQ(got_bits, want_bits);
+}
+
+struct TopKCase {
+  std::string what;
+  std::vector<float> values;
+  std::vector<int64_t> tokens;
+};
+
+// Inputs that force each path of the radix select's last block (topk.cuh): ties on the first
+// 23 key bits beyond its shared memory (2048) or within it, ties left for the warp (<= 32), a
+// bucket taken whole; all-equal values (only the tokens decide), +-0 only, NaN only, padding.
+std::vector<TopKCase> top_k_cases(const std::vector<size_t>& sizes, bool all_kinds) {
+  const auto tokens_for = [](size_t n) {
+    std::vector<int64_t> tokens(n);
+    for (size_t i = 0; i < n; ++i) tokens[i] = static_cast<int64_t>((i * 2654435761ull) % 4294967291ull);
+    return tokens;
+  };
+  // 1.0f with random low mantissa bits: every key shares the top 23 bits (sign, exponent and
+  // 14 mantissa bits), so digits 0 and 1 cannot separate them.
+  const auto low_bits = [](size_t n, uint32_t mask, uint64_t seed) {
+    std::vector<float> values(n);
+    uint64_t x = seed;
+    for (auto& v : values) {
+      x = x * 6364136223846793005ull + 1442695040888963407ull;
+      const uint32_t bits = 0x3f800000u | (static_cast<uint32_t>(x >> 33) & mask);
+      std::memcpy(&v, &bits, 4);
+    }
+    return values;
+  };
+  std::vector<TopKCase> cases;
+  for (size_t n : sizes) {
+    std::vector<float> zeros(n), ladder(n);
+    for (size_t i = 0; i < n; ++i) zeros[i] = i % 3 ? 0.0f : -0.0f;
+    for (size_t i = 0; i < n; ++i) ladder[i] = static_cast<float>(i % 40) - 20.0f;  // 40 values, ~n/40 ties each
+    auto padded = tokens_for(n);
+    for (size_t i = 0; i < n; i += 2) padded[i] = -7;
+    cases.push_back({"low 9 bits", low_bits(n, 0x1ff, 11 + n), tokens_for(n)});
+    cases.push_back({"low 3 bits", low_bits(n, 0x7, 12 + n), tokens_for(n)});
+    cases.push_back({"all equal", std::vector<float>(n, -3.5f), tokens_for(n)});
+    cases.push_back({"+-0", zeros, tokens_for(n)});
+    cases.push_back({"NaN", std::vector<float>(n, std::nanf("")), tokens_for(n)});
+    cases.push_back({"half padding", normal_vector(n, 13 + n), padded});
+    if (!all_kinds) continue;
+    cases.push_back({"ladder", ladder, tokens_for(n)});
+    cases.push_back({"all padding", normal_vector(n, 14 + n), std::vector<int64_t>(n, -1)});
+  }
+  return cases;
+}
+
+// A few of the cases above, small enough for the sanitizers (bench/run_device_bench.sh runs
+// '*TopKCorner*' under memcheck and racecheck): the shared-memory path (1500), the global one
+// (70001), the warp's ties (k = 1, 33), a queued call (no out_count, no synchronisation).
+TEST_F(CudaBackendTest, TopKCornerCandidatePaths) {
+  for (const TopKCase& cs : top_k_cases({1500, 70001}, false)) {
+    auto dv = upload(cs.values), dt = upload(cs.tokens);
+    for (int64_t k : {int64_t{1}, int64_t{33}}) expect_top_k_like_cpu(*gpu, *cpu, dv, dt, cs.values, cs.tokens, k, false, cs.what);
+    expect_top_k_like_cpu(*gpu, *cpu, dv, dt, cs.values, cs.tokens, 2048, true, cs.what);
+  }
+}
+
+// Every case at sizes not a multiple of any tile, k around the warp's 32 and at the limits
+// (1, 4096, n, > n). Some calls twice in a row (the state the kernels leave for the next
+// call), some queued.
+TEST_F(CudaBackendTest, TopKCandidatePathsSweep) {
+  for (const TopKCase& cs : top_k_cases({1, 33, 1500, 3001, 70001}, true)) {
+    auto dv = upload(cs.values), dt = upload(cs.tokens);
+    const int64_t n = static_cast<int64_t>(cs.values.size());
+    for (int64_t k : {int64_t{1}, int64_t{31}, int64_t{32}, int64_t{33}, int64_t{2048}, int64_t{4096}, n, n + 3}) {
+      if (std::min(k, n) > 4096) continue;  // the radix select's cases (the full sort: TopKCornerCasesExactly)
+      expect_top_k_like_cpu(*gpu, *cpu, dv, dt, cs.values, cs.tokens, k, false, cs.what);
+      if (k == 2048 || k == n) expect_top_k_like_cpu(*gpu, *cpu, dv, dt, cs.values, cs.tokens, k, false, cs.what + " again");
+      if (k == 32) expect_top_k_like_cpu(*gpu, *cpu, dv, dt, cs.values, cs.tokens, k, true, cs.what);
+    }
+  }
+}
+
+// 4M candidates (not under the sanitizers: slow there): all equal (the last block's passes
+// over the whole candidate buffer in global memory), 23 shared key bits, scores with ties;
+// the radix select's k and the full sort's (4097), queued and counted.
+TEST_F(CudaBackendTest, TopKLargeAdversarial) {
+  const size_t n = size_t{1} << 22;
+  std::vector<int64_t> tokens(n);
+  for (size_t i = 0; i < n; ++i) tokens[i] = static_cast<int64_t>((i * 2654435761ull) % 4294967291ull);
+  std::vector<float> equal(n, 0.75f), low(n), scores = normal_vector(n, 15);
+  for (size_t i = 0; i < n; ++i) {
+    const uint32_t bits = 0xbf800000u | (static_cast<uint32_t>(i * 40503u) & 0x1ffu);  // -1.0f and down
+    std::memcpy(&low[i], &bits, 4);
+  }
+  for (size_t i = 0; i < n; i += 9) scores[i] = 2.5f;  // ~4.4% of the entries tie at the top
+  for (const auto& [what, values] : {std::pair{"all equal", &equal}, std::pair{"low 9 bits", &low}, std::pair{"scores", &scores}}) {
+    auto dv = upload(*values), dt = upload(tokens);
+    for (int64_t k : {int64_t{1}, int64_t{2048}, int64_t{4096}, int64_t{4097}})
+      expect_top_k_like_cpu(*gpu, *cpu, dv, dt, *values, tokens, k, k == 2048, what);
+  }
 }
 
 // Attention fast-path coverage: every GQA group it instantiates (1, 2, 4, 8) and the generic
