@@ -11,7 +11,8 @@
 //   score, rows list:  n*d'*2 + n*4 (rows) + n*4 (out)          FLOPs 2*n*d'
 //   score chunk 512:   n*d'*2 + n*4 (queries from L2)            FLOPs 2*n*d'*512
 //   proximity eps 1:   n*(4 + 8 + 4)
-//   top-k 2048:        n*(4 + 8) read (the minimum, one pass)
+//   top-k 2048:        n*(4 + 8) read (the minimum, one pass); also its launches per call
+//                      (counted from a stream capture) and the captured graph replayed
 //   attend ESA (R):    R*2*G*d*2 + R*(4 + 8) (rows, tokens)       FLOPs 4*R*H*d   (relative: keys rotated)
 //   attend ESA global: R*2*G*d*2 + R*4                          FLOPs 4*R*H*d   (keys unrotated)
 //   attend full (n):   n*2*G*d*2 + n*8 (tokens)                   FLOPs 4*n*H*d
@@ -22,6 +23,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <exception>
 #include <functional>
 #include <string>
 #include <vector>
@@ -225,6 +227,55 @@ int main(int argc, char** argv) {
                queued.tokens = toks[i % copies];
                cuda::launch_top_k(queued, topk_ws, stream);
              }), dn * 12, 0);
+      // Launches per call, counted from a stream capture of queued calls (one graph per input
+      // copy); replaying those graphs times the device work without the host's submission.
+      std::vector<cudaGraphExec_t> graphs;
+      size_t kernels = 0, memsets = 0, others = 0;
+      try {  // not fatal: the rows after this one still run
+        for (int c = 0; c < copies; ++c) {
+          queued.values = values[c];
+          queued.tokens = toks[c];
+          cudaGraph_t graph = nullptr;
+          UNS_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+          cuda::launch_top_k(queued, topk_ws, stream);
+          UNS_CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
+          if (c == 0) {
+            size_t count = 0;
+            UNS_CUDA_CHECK(cudaGraphGetNodes(graph, nullptr, &count));
+            std::vector<cudaGraphNode_t> nodes(count);
+            UNS_CUDA_CHECK(cudaGraphGetNodes(graph, nodes.data(), &count));
+            for (cudaGraphNode_t node : nodes) {
+              cudaGraphNodeType type;
+              UNS_CUDA_CHECK(cudaGraphNodeGetType(node, &type));
+              (type == cudaGraphNodeTypeKernel ? kernels : type == cudaGraphNodeTypeMemset ? memsets : others) += 1;
+            }
+          }
+          cudaGraphExec_t exec = nullptr;
+          UNS_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+          UNS_CUDA_CHECK(cudaGraphDestroy(graph));
+          graphs.push_back(exec);
+        }
+        std::printf("  top-k launches per call (stream capture, n=%lld): %zu kernels, %zu memsets, %zu other nodes\n",
+                    static_cast<long long>(n), kernels, memsets, others);
+        report("top-k 2048, graph", n, timer.median_ms(50, [&](int i) {
+                 UNS_CUDA_CHECK(cudaGraphLaunch(graphs[static_cast<size_t>(i % copies)], stream));
+               }), dn * 12, 0);
+        // The replayed graph gives what a direct call gives (same input copy).
+        std::vector<int64_t> direct(kTopK), replayed(kTopK);
+        cuda::launch_top_k(queued, topk_ws, stream);
+        UNS_CUDA_CHECK(cudaMemcpyAsync(direct.data(), out_t, kTopK * 8, cudaMemcpyDeviceToHost, stream));
+        UNS_CUDA_CHECK(cudaGraphLaunch(graphs.back(), stream));
+        UNS_CUDA_CHECK(cudaMemcpyAsync(replayed.data(), out_t, kTopK * 8, cudaMemcpyDeviceToHost, stream));
+        UNS_CUDA_CHECK(cudaStreamSynchronize(stream));
+        if (direct != replayed || std::count(direct.begin(), direct.end(), int64_t{-1}) != 0)
+          std::printf("  (top-k graph replay differs from a direct call, or fewer than %d entries)\n", kTopK);
+      } catch (const std::exception& e) {
+        cudaGraph_t partial = nullptr;
+        if (cudaStreamEndCapture(stream, &partial) == cudaSuccess && partial) cudaGraphDestroy(partial);
+        cudaGetLastError();
+        std::printf("  top-k capture failed: %s\n", e.what());
+      }
+      for (cudaGraphExec_t exec : graphs) UNS_CUDA_CHECK(cudaGraphExecDestroy(exec));
       for (int c = 0; c < copies; ++c) {
         UNS_CUDA_CHECK(cudaFree(values[c]));
         UNS_CUDA_CHECK(cudaFree(toks[c]));
