@@ -139,7 +139,8 @@ __device__ Decision choose_bucket(const uint32_t* hist, uint32_t total, uint32_t
   uint32_t h[per], sum = 0;
 #pragma unroll
   for (int q = 0; q < per; ++q) {
-    h[q] = kGlobal ? __ldcg(hist + top - q) : hist[top - q];
+    if constexpr (kGlobal) h[q] = __ldcg(hist + top - q);  // other blocks' atomics: from L2
+    else h[q] = hist[top - q];
     sum += h[q];
   }
   __syncthreads();  // the storage and answer of an earlier call are free
@@ -226,8 +227,17 @@ __device__ __forceinline__ void for_each_candidate(const uint64_t* keys, const f
 #pragma unroll
     for (int j = 0; j < kTailItems; ++j) {
       const int64_t i = base + j * kFilterThreads + threadIdx.x;
-      key[j] = i < count ? (kGlobal ? __ldcg(keys + i) : keys[i]) : 0;
-      value[j] = i < count ? (kGlobal ? __ldcg(values + i) : values[i]) : 0.0f;
+      key[j] = 0;
+      value[j] = 0.0f;
+      if (i < count) {
+        if constexpr (kGlobal) {  // written by other blocks of this kernel: from L2
+          key[j] = __ldcg(keys + i);
+          value[j] = __ldcg(values + i);
+        } else {
+          key[j] = keys[i];
+          value[j] = values[i];
+        }
+      }
     }
 #pragma unroll
     for (int j = 0; j < kTailItems; ++j) f(key[j], value[j], key[j] != 0);
