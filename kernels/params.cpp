@@ -33,6 +33,16 @@ void TopKParams::check() const {
   UNS_CHECK(n >= 0 && k >= 0, "top_k: bad shape n={} k={}", n, k);
 }
 
+void RowsOfTokensParams::check() const {
+  UNS_CHECK((initial_end == initial_begin && k == 0) || rows_out, "rows_of_tokens: null rows_out");
+  UNS_CHECK((k == 0 || selected) && (search_end == search_begin || tokens), "rows_of_tokens: null pointer");
+  UNS_CHECK(k >= 0 && 0 <= search_begin && search_begin <= search_end && 0 <= initial_begin && initial_begin <= initial_end,
+            "rows_of_tokens: bad ranges k={} search [{}, {}) initial [{}, {})", k, search_begin, search_end, initial_begin,
+            initial_end);
+  UNS_CHECK(search_end <= INT32_MAX && initial_end <= INT32_MAX && initial_end - initial_begin + k <= INT32_MAX,
+            "rows_of_tokens: rows beyond int32");
+}
+
 void AttendParams::check() const {
   UNS_CHECK(q && o && lse && inv_freq, "attend: null pointer");
   UNS_CHECK(n == 0 || (k && v && key_tokens), "attend: null key/value pointer");

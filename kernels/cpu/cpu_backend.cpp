@@ -161,6 +161,24 @@ class CpuBackend final : public Backend {
     if (p.out_count) *p.out_count = count;
   }
 
+  void rows_of_tokens(const RowsOfTokensParams& p) override {
+    p.check();
+    const int64_t n_initial = p.initial_end - p.initial_begin;
+    for (int64_t i = 0; i < n_initial; ++i) p.rows_out[i] = static_cast<int32_t>(p.initial_begin + i);
+    // Ascending tokens, padding last; a stable sort so that the order is defined for any input.
+    std::vector<int64_t> order(static_cast<size_t>(p.k));
+    std::iota(order.begin(), order.end(), int64_t{0});
+    const auto key = [&](int64_t i) { return p.selected[i] < 0 ? std::numeric_limits<int64_t>::max() : p.selected[i]; };
+    std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return key(a) < key(b); });
+    const int64_t* first = p.tokens + p.search_begin;
+    const int64_t* last = p.tokens + p.search_end;
+    for (int64_t j = 0; j < p.k; ++j) {
+      const int64_t t = p.selected[order[static_cast<size_t>(j)]];
+      const int64_t* at = t < 0 ? last : std::lower_bound(first, last, t);
+      p.rows_out[n_initial + j] = at != last && *at == t ? static_cast<int32_t>(at - p.tokens) : -1;
+    }
+  }
+
   void attend(const AttendParams& p) override {
     p.check();
     const int group = p.H / p.G;
@@ -168,10 +186,15 @@ class CpuBackend final : public Backend {
     std::vector<float> keys(n * p.d), values(n * p.d), query(static_cast<size_t>(p.d));
     std::vector<double> logits(n), acc(static_cast<size_t>(p.d));
     std::vector<int64_t> key_token(n);
+    std::vector<bool> live(n, true);  // entries with row < 0 are no rows: they contribute nothing
     for (int g = 0; g < p.G; ++g) {
       // Gather (and for relative positions rotate) this KV head's rows once.
       for (size_t i = 0; i < n; ++i) {
         const int64_t row = p.rows ? p.rows[i] : static_cast<int64_t>(i);
+        if (row < 0) {
+          live[i] = false;
+          continue;
+        }
         key_token[i] = p.key_tokens[row];
         const int64_t offset = (row * p.G + g) * p.d;
         load_row(p.k, p.kv_dtype, offset, p.d, keys.data() + i * p.d);
@@ -190,7 +213,7 @@ class CpuBackend final : public Backend {
           rope_rotate(query.data(), p.d, p.inv_freq, query_pos);
           double max_logit = -std::numeric_limits<double>::infinity();
           for (size_t i = 0; i < n; ++i) {
-            const bool visible = !p.causal || key_token[i] <= query_token;
+            const bool visible = live[i] && (!p.causal || key_token[i] <= query_token);
             logits[i] = visible ? p.scale * dot(query.data(), keys.data() + i * p.d, p.d)
                                 : -std::numeric_limits<double>::infinity();
             max_logit = std::max(max_logit, logits[i]);
@@ -325,6 +348,7 @@ std::string_view op_name(Op op) {
     case Op::kAttend: return "attend";
     case Op::kMerge: return "merge";
     case Op::kLagKV: return "lagkv";
+    case Op::kRowsOfTokens: return "rows_of_tokens";
   }
   return "?";
 }

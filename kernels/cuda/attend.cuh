@@ -3,6 +3,8 @@
 // LSE merge (merge.cuh). One CTA = one (split, KV head g, query token c) and serves every
 // query head of g's GQA group, so each K/V row is read once per query token.
 //
+// A rows entry < 0 is no row: both paths skip it (it contributes nothing; params.h).
+//
 // Fast path (head dim 64/128, group of 1/2/4/8 heads, 16-byte aligned rows): a "worker" of
 // L = d / (16 / sizeof(T)) lanes owns one row at a time and reads it with one 16-byte load
 // per lane (bf16 d = 128: 16 lanes, 8 elements each), so a 128-thread CTA has 128 / L
@@ -93,6 +95,8 @@ __global__ void __launch_bounds__(kThreads, 4) attend_rows_kernel(AttendParams p
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       const int64_t i = first + r * W + worker;
+      // -1 past the split's end; a rows entry < 0 (no row) stays negative: neither is loaded
+      // (zeros), and both give logit -inf below, in this step and in the prefetched one.
       row[r] = i < end ? (p.rows ? static_cast<int64_t>(p.rows[i]) : i) : -1;
       const int64_t at = (row[r] * p.G + g) * (D / E) + lane;
       raw_k[r] = row[r] >= 0 ? __ldcs(keys + at) : make_uint4(0, 0, 0, 0);
@@ -225,6 +229,7 @@ __global__ void generic_attend_kernel(AttendParams p, int64_t rows_per_split, in
   __shared__ float keys[kTile][D + 1];  // +1: lanes reading different rows hit different banks
   __shared__ float values[kTile][D + 1];
   __shared__ int64_t tokens[kTile];
+  __shared__ bool live[kTile];  // false: a rows entry < 0 (no row), zero K/V and no logit
   __shared__ float queries[kMaxGroup][D];
   const int split = blockIdx.x, g = blockIdx.y, c = blockIdx.z;
   const int group = p.H / p.G, warp = threadIdx.x / 32, lane = threadIdx.x % 32, half = D / 2;
@@ -249,6 +254,11 @@ __global__ void generic_attend_kernel(AttendParams p, int64_t rows_per_split, in
       const int j = idx / half, i = idx % half;
       if (j >= count) continue;
       const int64_t row = p.rows ? p.rows[tile + j] : tile + j;
+      if (row < 0) {  // zeros, not stale shared memory: the value loop multiplies them by weight 0
+        keys[j][i] = keys[j][i + half] = values[j][i] = values[j][i + half] = 0.0f;
+        if (i == 0) live[j] = false;
+        continue;
+      }
       const int64_t token = p.key_tokens[row];
       const int64_t base = (row * p.G + g) * D;
       float k1 = load_as_float(p.k, p.kv_dtype, base + i), k2 = load_as_float(p.k, p.kv_dtype, base + i + half);
@@ -263,11 +273,14 @@ __global__ void generic_attend_kernel(AttendParams p, int64_t rows_per_split, in
       keys[j][i + half] = k2;
       values[j][i] = load_as_float(p.v, p.kv_dtype, base + i);
       values[j][i + half] = load_as_float(p.v, p.kv_dtype, base + i + half);
-      if (i == 0) tokens[j] = token;
+      if (i == 0) {
+        tokens[j] = token;
+        live[j] = true;
+      }
     }
     __syncthreads();
     float logit = neg_inf();
-    if (lane < count && !(p.causal && tokens[lane] > query_token)) {
+    if (lane < count && live[lane] && !(p.causal && tokens[lane] > query_token)) {
       float dot = 0;
       for (int i = 0; i < D; ++i) dot = fmaf(queries[warp][i], keys[lane][i], dot);
       logit = dot * p.scale;

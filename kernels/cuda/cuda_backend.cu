@@ -165,6 +165,7 @@ class CudaBackend final : public Backend {
     UNS_CUDA_CHECK(cudaMemcpyAsync(dst, stage, bytes, cudaMemcpyDeviceToDevice, stream_));
   }
   void synchronize() override { sync_stream(); }
+  void* native_stream() const override { return stream_; }
   void convert(const void* src, DType src_dtype, void* dst, DType dst_dtype, size_t count) override {
     bind();
     if (src_dtype == dst_dtype) return copy_within(dst, src, count * dtype_size(src_dtype));
@@ -179,6 +180,7 @@ class CudaBackend final : public Backend {
   void top_k(const TopKParams& p) override { bind(); cuda::launch_top_k(p, topk_workspace_, stream_); }
   void attend(const AttendParams& p) override { bind(); cuda::launch_attend(p, attend_workspace_, stream_); }
   void merge(const MergeParams& p) override { bind(); cuda::launch_merge(p, stream_); }
+  void rows_of_tokens(const RowsOfTokensParams& p) override { bind(); cuda::launch_rows_of_tokens(p, stream_); }
   void lag_reference_extrema(const LagExtremaParams& p) override { bind(); cuda::launch_lag_reference_extrema(p, stream_); }
   void lag_token_std(const LagStdParams& p) override { bind(); cuda::launch_lag_token_std(p, stream_); }
   void lag_partition_scores(const LagScoreParams& p) override { bind(); cuda::launch_lag_partition_scores(p, stream_); }

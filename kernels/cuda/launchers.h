@@ -28,6 +28,7 @@ void launch_proximity(const ProximityParams& p, cudaStream_t stream);
 void launch_top_k(const TopKParams& p, Workspace& workspace, cudaStream_t stream);
 void launch_attend(const AttendParams& p, Workspace& workspace, cudaStream_t stream);
 void launch_merge(const MergeParams& p, cudaStream_t stream);
+void launch_rows_of_tokens(const RowsOfTokensParams& p, cudaStream_t stream);
 void launch_lag_reference_extrema(const LagExtremaParams& p, cudaStream_t stream);
 void launch_lag_token_std(const LagStdParams& p, cudaStream_t stream);
 void launch_lag_partition_scores(const LagScoreParams& p, cudaStream_t stream);

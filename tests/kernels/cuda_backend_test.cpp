@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <algorithm>
 #include <cstring>
 #include <numeric>
 #include <string>
@@ -594,6 +595,123 @@ TEST_F(CudaBackendTest, AttendGroupsSplitsFarPositionsMasked) {
                .scale = 0.088f, .o = dout.as<float>(), .lse = dlse.as<float>()});
   for (float x : download<float>(dout, static_cast<size_t>(2) * H * d)) EXPECT_EQ(x, 0.0f);
   for (float x : download<float>(dlse, static_cast<size_t>(2) * H)) EXPECT_EQ(x, -INFINITY);
+}
+
+// rows_of_tokens on stores laid out as KvShard does (blocks of 256 tokens, block b on rank
+// b mod P, a seeded 40% of M evicted), up to 1M rows: the same row list as the CPU, exactly.
+// The selections hold tokens this rank owns, other ranks' tokens, evicted tokens, tokens
+// outside the searched range, and padding (at the end as top-k pads, and in between); k up to
+// 5000 (more than one shared-memory tile of the rank count).
+TEST_F(CudaBackendTest, RowsOfTokensEqualsCpuExactly) {
+  struct Case { int64_t n; int ranks; bool evict; int64_t k; };
+  const Case cases[] = {{1048576, 1, false, 2048}, {1048576, 1, true, 2048}, {1048576, 2, false, 2048},
+                        {1048576, 4, true, 2048},  {200003, 3, true, 5000},  {4099, 2, true, 1},
+                        {4099, 3, false, 0},       {97, 1, false, 57}};
+  const int64_t block = 256, l_I = 128;
+  for (const Case& cs : cases) {
+    const int64_t m_end = std::max<int64_t>(l_I, cs.n - 4096);
+    std::vector<bool> evicted(static_cast<size_t>(cs.n), false);
+    if (cs.evict)
+      for (int64_t t = l_I; t < m_end; ++t) evicted[static_cast<size_t>(t)] = testing::hashed_uniform(90, static_cast<uint64_t>(t)) < 0.4;
+    std::vector<int64_t> selected;
+    for (int64_t i = 0; static_cast<int64_t>(selected.size()) < cs.k; ++i) {
+      const double u = testing::hashed_uniform(91 + static_cast<uint64_t>(cs.k), static_cast<uint64_t>(i));
+      const auto t = static_cast<int64_t>(testing::hashed_uniform(92, static_cast<uint64_t>(i)) * static_cast<double>(cs.n));
+      if (u < 0.05) selected.push_back(-1);
+      else if (std::find(selected.begin(), selected.end(), t) == selected.end()) selected.push_back(t);
+    }
+    for (size_t i = selected.size() * 9 / 10; i < selected.size(); ++i) selected[i] = -1;  // top-k's trailing padding
+    auto dsel = upload(selected);
+    for (int rank = 0; rank < cs.ranks; ++rank) {
+      std::vector<int64_t> tokens;
+      for (int64_t t = 0; t < cs.n; ++t)
+        if ((t / block) % cs.ranks == rank && !evicted[static_cast<size_t>(t)]) tokens.push_back(t);
+      const auto row_at = [&](int64_t t) {
+        return static_cast<int64_t>(std::lower_bound(tokens.begin(), tokens.end(), t) - tokens.begin());
+      };
+      const int64_t i1 = row_at(l_I), m1 = row_at(m_end);
+      RowsOfTokensParams p{.selected = selected.data(), .k = cs.k, .tokens = tokens.data(), .search_begin = i1,
+                           .search_end = m1, .initial_begin = 0, .initial_end = i1};
+      std::vector<int32_t> want(static_cast<size_t>(i1 + cs.k));
+      p.rows_out = want.data();
+      cpu->rows_of_tokens(p);
+      auto dtok = upload(tokens), dout = upload(std::vector<int32_t>(want.size(), 12345));
+      p.selected = dsel.as<int64_t>();
+      p.tokens = dtok.as<int64_t>();
+      p.rows_out = dout.as<int32_t>();
+      gpu->rows_of_tokens(p);
+      const auto got = download<int32_t>(dout, want.size());
+      int64_t found = 0;
+      for (int64_t j = i1; j < static_cast<int64_t>(want.size()); ++j) found += want[static_cast<size_t>(j)] >= 0;
+      EXPECT_EQ(got, want) << "n " << cs.n << " P " << cs.ranks << " rank " << rank << " k " << cs.k
+                           << (cs.evict ? " evicted" : "") << " (" << found << " found)";
+      if (cs.k >= 2048) {
+        EXPECT_GT(found, 0);
+      }
+    }
+  }
+}
+
+// A rows entry < 0 is skipped by both attention kernels: the fast one (bf16/f32 at 64/128,
+// groups of 1..8, with long runs of skipped entries so that whole splits and prefetched steps
+// hold none) and the generic one (f16, a group of 16) give the CPU's result over the same list.
+TEST_F(CudaBackendTest, AttendSkipsNegativeRows) {
+  struct Case { int H; int G; int d; DType dtype; int64_t n; };
+  const Case cases[] = {{32, 8, 128, DType::kBF16, 6272}, {8, 8, 64, DType::kF32, 1000},
+                        {32, 2, 64, DType::kF32, 517},    {16, 8, 128, DType::kF16, 3001}};
+  for (const Case& cs : cases) {
+    for (bool global : {false, true}) {
+      const int64_t store = cs.n + 31;
+      const size_t width = static_cast<size_t>(cs.G) * cs.d;
+      auto k = normal_vector(static_cast<size_t>(store) * width, 120 + static_cast<uint64_t>(cs.n));
+      auto v = normal_vector(static_cast<size_t>(store) * width, 121 + static_cast<uint64_t>(cs.n));
+      std::vector<uint16_t> kh(k.size()), vh(v.size());
+      if (cs.dtype != DType::kF32) {
+        convert_from_f32(k.data(), cs.dtype, kh.data(), k.size());
+        convert_from_f32(v.data(), cs.dtype, vh.data(), v.size());
+      }
+      const void* host_k = cs.dtype == DType::kF32 ? static_cast<const void*>(k.data()) : kh.data();
+      const void* host_v = cs.dtype == DType::kF32 ? static_cast<const void*>(v.data()) : vh.data();
+      const auto q = normal_vector(static_cast<size_t>(cs.H) * cs.d, 122, 0.5f);
+      std::vector<int64_t> tokens(static_cast<size_t>(store));
+      std::iota(tokens.begin(), tokens.end(), int64_t{3});
+      std::vector<int32_t> rows;
+      for (int64_t i = 0; i < cs.n; ++i) {
+        const bool run = i >= cs.n / 4 && i < cs.n / 2;  // a long run of skipped entries
+        const bool skip = run || testing::hashed_uniform(123, static_cast<uint64_t>(i)) < 0.5;
+        rows.push_back(skip ? -1 : static_cast<int32_t>((i * 7919 + 3) % store));
+      }
+      const auto inv = rope_inv_freq(cs.d, 500000.0);
+      const size_t outs = static_cast<size_t>(cs.H);
+      std::vector<float> want_o(outs * cs.d), want_lse(outs);
+      AttendParams p{.q = q.data(), .q_token0 = 3 + store - 1, .k = host_k, .v = host_v, .kv_dtype = cs.dtype,
+                     .key_tokens = tokens.data(), .rows = rows.data(), .n = cs.n, .l_C = 1, .H = cs.H, .G = cs.G,
+                     .d = cs.d, .causal = !global, .positions = global ? PositionScheme::kGlobal : PositionScheme::kRelative,
+                     .origin = 0, .query_position = 4096, .inv_freq = inv.data(),
+                     .scale = 1.0f / std::sqrt(static_cast<float>(cs.d)), .o = want_o.data(), .lse = want_lse.data()};
+      cpu->attend(p);
+      auto dq = upload(q), dtok = upload(tokens), drows = upload(rows), dinv = upload(inv);
+      BackendBuffer dk = cs.dtype == DType::kF32 ? upload(k) : upload(kh), dv = cs.dtype == DType::kF32 ? upload(v) : upload(vh);
+      auto dout = poisoned(want_o.size()), dlse = poisoned(want_lse.size());
+      AttendParams g = p;
+      g.q = dq.as<float>(); g.k = dk.data(); g.v = dv.data(); g.key_tokens = dtok.as<int64_t>();
+      g.rows = drows.as<int32_t>(); g.inv_freq = dinv.as<float>(); g.o = dout.as<float>(); g.lse = dlse.as<float>();
+      gpu->attend(g);
+      SCOPED_TRACE("H " + std::to_string(cs.H) + " G " + std::to_string(cs.G) + " d " + std::to_string(cs.d) + " " +
+                   std::string(dtype_name(cs.dtype)) + (global ? " global" : " relative"));
+      const auto got_o = download<float>(dout, want_o.size()), got_lse = download<float>(dlse, want_lse.size());
+      EXPECT_LT(relative_error(got_o, want_o), tolerance::kF32) << testing::first_offenders(got_o, want_o, 1e-4);
+      EXPECT_LT(relative_error(got_lse, want_lse), tolerance::kF32);
+      // Every entry skipped: nothing visible.
+      const std::vector<int32_t> none(300, -1);
+      auto dnone = upload(none);
+      g.rows = dnone.as<int32_t>();
+      g.n = 300;
+      gpu->attend(g);
+      for (float x : download<float>(dout, want_o.size())) EXPECT_EQ(x, 0.0f);
+      for (float x : download<float>(dlse, want_lse.size())) EXPECT_EQ(x, -INFINITY);
+    }
+  }
 }
 
 }  // namespace

@@ -1,5 +1,6 @@
 // The CPU reference backend, op by op, against SPEC written again in float64
-// (support/naive_spec.h): RoPE, segments, scoring, proximity, top-k, attention, merge, LagKV.
+// (support/naive_spec.h): RoPE, segments, scoring, proximity, top-k, the row list, attention,
+// merge, LagKV.
 // Inputs are seeded normals (never zeros) at odd sizes (1, 7, 97, 1003); tolerances come from
 // tolerance.h (SPEC §8); -inf/NaN are compared by position before values.
 #include <gtest/gtest.h>
@@ -13,6 +14,7 @@
 #include "naive_spec.h"
 #include "test_data.h"
 #include "tolerance.h"
+#include "unshackle/common/error.h"
 #include "unshackle/kernels/attention_config.h"
 #include "unshackle/kernels/backend.h"
 #include "unshackle/kernels/reference_step.h"
@@ -488,6 +490,116 @@ TEST(TopK, AgainstFullSortWithManyTies) {
 }
 
 // ---------------------------------------------------------------------------------------
+// The global part's row list (rows_of_tokens, SPEC §7)
+// ---------------------------------------------------------------------------------------
+
+// One rank's store as KvShard lays it out: tokens [0, n) in blocks of `block`, block b on
+// rank b mod P, minus the evicted tokens (a seeded ~40% of [evict_begin, evict_end)).
+struct PlacedStore {
+  std::vector<int64_t> tokens;  // this rank's held tokens, ascending
+  std::vector<bool> evicted;    // [n] by global token
+};
+
+PlacedStore placed_store(int64_t n, int64_t block, int ranks, int rank, int64_t evict_begin, int64_t evict_end,
+                         uint64_t seed) {
+  PlacedStore s;
+  s.evicted.assign(at(n), false);
+  for (int64_t t = evict_begin; t < evict_end; ++t) s.evicted[at(t)] = testing::hashed_uniform(seed, at(t)) < 0.4;
+  for (int64_t t = 0; t < n; ++t)
+    if ((t / block) % ranks == rank && !s.evicted[at(t)]) s.tokens.push_back(t);
+  return s;
+}
+
+// What the op must write, by brute force: I rows, then per selected entry in ascending token
+// order (padding last) the row found by a linear scan of the search range, else -1.
+std::vector<int32_t> brute_rows(const std::vector<int64_t>& selected, const std::vector<int64_t>& tokens,
+                                int64_t s0, int64_t s1, int64_t i0, int64_t i1) {
+  std::vector<int32_t> out;
+  for (int64_t r = i0; r < i1; ++r) out.push_back(static_cast<int32_t>(r));
+  std::vector<int64_t> sorted, padding;
+  for (int64_t t : selected) (t < 0 ? padding : sorted).push_back(t);
+  std::sort(sorted.begin(), sorted.end());
+  for (int64_t t : sorted) {
+    int32_t row = -1;
+    for (int64_t r = s0; r < s1; ++r)
+      if (tokens[at(r)] == t) row = static_cast<int32_t>(r);
+    out.push_back(row);
+  }
+  out.insert(out.end(), padding.size(), -1);
+  return out;
+}
+
+TEST(RowsOfTokens, AgainstBruteForceOverPlacementsEvictionPadding) {
+  auto backend = make_cpu_backend();
+  const int64_t n = 3001, block = 16, l_I = 24, m_end = 2600;  // I = [0, 24), M = [24, 2600)
+  for (int ranks = 1; ranks <= 4; ++ranks) {
+    for (int64_t k : {int64_t{0}, int64_t{1}, int64_t{57}, int64_t{400}}) {
+      SCOPED_TRACE("P " + std::to_string(ranks) + " k " + std::to_string(k));
+      // The selection: held tokens of M, evicted ones, tokens of I and of L (outside the search
+      // range: never found), padding at any place; distinct, shuffled.
+      const PlacedStore ref = placed_store(n, block, 1, 0, l_I + 100, m_end - 200, 81);
+      const auto perm = permutation(n, 82 + at(k));
+      std::vector<int64_t> selected;
+      int64_t found_in_m = 0;
+      for (int64_t i = 0; static_cast<int64_t>(selected.size()) < k; ++i) {
+        const int64_t t = perm[at(i)];
+        const bool pad = testing::hashed_uniform(83, at(i)) < 0.1;
+        selected.push_back(pad ? -1 - static_cast<int64_t>(i % 3) : t);  // -1, -2, -3: any negative is padding
+        found_in_m += !pad && t >= l_I && t < m_end && !ref.evicted[at(t)];
+      }
+      if (k >= 57) {
+        ASSERT_GT(found_in_m, 0);
+        ASSERT_LT(found_in_m, k);
+      }
+      std::vector<int64_t> hits(at(k), 0);  // entry j found on how many ranks
+      for (int rank = 0; rank < ranks; ++rank) {
+        const PlacedStore store = placed_store(n, block, ranks, rank, l_I + 100, m_end - 200, 81);
+        const auto& tok = store.tokens;
+        const auto i1 = static_cast<int64_t>(std::lower_bound(tok.begin(), tok.end(), l_I) - tok.begin());
+        const auto m1 = static_cast<int64_t>(std::lower_bound(tok.begin(), tok.end(), m_end) - tok.begin());
+        std::vector<int32_t> out(at(i1 + k), 99);
+        backend->rows_of_tokens({.selected = selected.data(), .k = k, .tokens = tok.data(), .search_begin = i1,
+                                 .search_end = m1, .initial_begin = 0, .initial_end = i1, .rows_out = out.data()});
+        ASSERT_EQ(out, brute_rows(selected, tok, i1, m1, 0, i1)) << "rank " << rank;
+        for (int64_t j = 0; j < k; ++j) hits[at(j)] += out[at(i1 + j)] >= 0;
+        for (int64_t j = 1; j < k; ++j) {  // rows ascend with the tokens: memory order
+          if (out[at(i1 + j)] >= 0 && out[at(i1 + j - 1)] >= 0) {
+            ASSERT_LT(out[at(i1 + j - 1)], out[at(i1 + j)]);
+          }
+        }
+      }
+      // Every held token of M has its row on exactly one rank; nothing else on any.
+      int64_t total = 0;
+      for (int64_t h : hits) {
+        ASSERT_LE(h, 1);
+        total += h;
+      }
+      EXPECT_EQ(total, found_in_m);
+    }
+  }
+}
+
+TEST(RowsOfTokens, InitialRowsOnlyEmptyRangesAndBadParams) {
+  auto backend = make_cpu_backend();
+  const std::vector<int64_t> tokens = {2, 3, 5, 8, 13};
+  std::vector<int32_t> out(5, 99);
+  backend->rows_of_tokens({.k = 0, .tokens = tokens.data(), .initial_begin = 1, .initial_end = 4, .rows_out = out.data()});
+  EXPECT_EQ(out, (std::vector<int32_t>{1, 2, 3, 99, 99}));
+  const std::vector<int64_t> selected = {13, -1, 3};
+  backend->rows_of_tokens({.selected = selected.data(), .k = 3, .tokens = tokens.data(), .search_begin = 2,
+                           .search_end = 2, .rows_out = out.data()});  // empty search range: nothing found
+  EXPECT_EQ(out, (std::vector<int32_t>{-1, -1, -1, 99, 99}));
+  backend->rows_of_tokens({.selected = selected.data(), .k = 3, .tokens = tokens.data(), .search_begin = 0,
+                           .search_end = 5, .initial_begin = 4, .initial_end = 5, .rows_out = out.data()});
+  EXPECT_EQ(out, (std::vector<int32_t>{4, 1, 4, -1, 99}));
+  EXPECT_THROW(backend->rows_of_tokens({.selected = selected.data(), .k = 3, .tokens = tokens.data(), .search_begin = 3,
+                                        .search_end = 2, .rows_out = out.data()}),
+               Error);
+  EXPECT_THROW(backend->rows_of_tokens({.selected = nullptr, .k = 3, .tokens = tokens.data(), .rows_out = out.data()}),
+               Error);
+}
+
+// ---------------------------------------------------------------------------------------
 // Attention and merge (SPEC §4)
 // ---------------------------------------------------------------------------------------
 
@@ -627,6 +739,36 @@ TEST(Attend, QueriesThatSeeNothingGiveMinusInfAndZero) {
   // n = 0: every query empty.
   std::fill(o.begin(), o.end(), 7.0f);
   backend->attend(fx.params({}, PositionScheme::kGlobal, false, o.data(), lse.data()));
+  for (float x : o) EXPECT_EQ(x, 0.0f);
+  for (float x : lse) EXPECT_EQ(x, kNegInf);
+}
+
+// A rows entry < 0 is no row: the result equals the attention over the list without those
+// entries, bit for bit (the live rows are summed in the same order); all skipped: empty.
+TEST(Attend, NegativeRowsAreSkipped) {
+  auto backend = make_cpu_backend();
+  const AttendFixture fx;
+  const auto perm = permutation(fx.n_store, 76);
+  std::vector<int32_t> live, with_gaps;
+  for (int64_t i = 0; i < 97; ++i) {
+    const auto r = static_cast<int32_t>(perm[at(i)]);
+    if (testing::hashed_uniform(77, at(i)) < 0.3) with_gaps.push_back(-1 - static_cast<int32_t>(i % 2));
+    with_gaps.push_back(r);
+    live.push_back(r);
+  }
+  with_gaps.push_back(-1);
+  ASSERT_GT(with_gaps.size(), live.size() + 10);
+  for (PositionScheme positions : {PositionScheme::kGlobal, PositionScheme::kRelative})
+    for (bool causal : {false, true}) {
+      const size_t outs = at(fx.l_C) * at(fx.H);
+      std::vector<float> o(outs * at(fx.d)), lse(outs), want_o(outs * at(fx.d)), want_lse(outs);
+      backend->attend(fx.params(with_gaps, positions, causal, o.data(), lse.data()));
+      backend->attend(fx.params(live, positions, causal, want_o.data(), want_lse.data()));
+      EXPECT_EQ(o, want_o) << "causal " << causal;
+      EXPECT_EQ(lse, want_lse) << "causal " << causal;
+    }
+  std::vector<float> o(at(fx.l_C) * at(fx.H) * at(fx.d), 7.0f), lse(at(fx.l_C) * at(fx.H), 7.0f);
+  backend->attend(fx.params({-1, -1, -5}, PositionScheme::kGlobal, false, o.data(), lse.data()));
   for (float x : o) EXPECT_EQ(x, 0.0f);
   for (float x : lse) EXPECT_EQ(x, kNegInf);
 }

@@ -23,6 +23,7 @@ enum class Op : uint8_t {
   kAttend,
   kMerge,
   kLagKV,
+  kRowsOfTokens,
 };
 std::string_view op_name(Op op);
 
@@ -49,6 +50,9 @@ class Backend {
   // Within backend memory; overlapping ranges are allowed (memmove semantics).
   virtual void copy_within(void* dst, const void* src, size_t bytes) = 0;
   virtual void synchronize() = 0;
+  // The cudaStream_t this backend queues on, for callers that time or order work against it
+  // (benchmarks: CUDA events around a step); nullptr where there is none (CPU).
+  virtual void* native_stream() const { return nullptr; }
   // Element-wise dtype conversion within backend memory (F32 <-> BF16/F16, or a copy).
   virtual void convert(const void* src, DType src_dtype, void* dst, DType dst_dtype, size_t count) = 0;
 
@@ -61,6 +65,8 @@ class Backend {
   // out_count is a host pointer in every backend (selection sizes steer host code).
   virtual void top_k(const TopKParams& p) = 0;
   virtual void attend(const AttendParams& p) = 0;
+  // Queued like the other ops: the row list stays in backend memory (no host wait).
+  virtual void rows_of_tokens(const RowsOfTokensParams& p) = 0;
   virtual void merge(const MergeParams& p) = 0;
   virtual void lag_reference_extrema(const LagExtremaParams& p) = 0;
   virtual void lag_token_std(const LagStdParams& p) = 0;

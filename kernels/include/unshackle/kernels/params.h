@@ -5,6 +5,7 @@
 // Store convention: a rank's KV store keeps rows; row r holds token key_tokens[r] (global,
 // ascending), K and V as [rows, G, d] pre-RoPE, and compressed keys k' as [rows, d_c].
 // An op that reads a subset of rows takes `rows` (int32 row ids) or nullptr for [0, n).
+// Row ids fit int32 (a rank's store holds < 2^31 rows).
 #pragma once
 
 #include <cstdint>
@@ -81,6 +82,24 @@ struct TopKParams {
   void check() const;
 };
 
+// The global part's row list of a layer step (SPEC §7), built where the selection lives (on
+// the backend): rows_out = the rows [initial_begin, initial_end) as they are (this rank's
+// owned I rows), then one entry per selected entry in ascending token order: the row in
+// [search_begin, search_end) whose token it is, or -1 where there is none (another rank owns
+// the token, or it was evicted). Padding entries (token < 0) come last, as -1. There are
+// always k such entries, whoever owns what, so the caller sizes the attention without reading
+// the selection back (AttendParams skips rows < 0); ascending tokens are ascending rows, so
+// K/V reads go in memory order.
+struct RowsOfTokensParams {
+  const int64_t* selected = nullptr;  // [k] global tokens in any order, distinct; < 0 = padding
+  int64_t k = 0;
+  const int64_t* tokens = nullptr;    // [n_store] the store's tokens (key_tokens), ascending
+  int64_t search_begin = 0, search_end = 0;    // rows searched for the selected tokens
+  int64_t initial_begin = 0, initial_end = 0;  // rows written first
+  int32_t* rows_out = nullptr;        // [initial_end - initial_begin + k]
+  void check() const;
+};
+
 // How attention positions are assigned (SPEC §4).
 enum class PositionScheme : uint8_t {
   kGlobal,    // keys unrotated (position 0), queries at `query_position` (w)
@@ -97,7 +116,8 @@ struct AttendParams {
   const void* v = nullptr;           // [n_store, G, d]
   DType kv_dtype = DType::kF32;
   const int64_t* key_tokens = nullptr;  // [n_store] global token of each store row
-  const int32_t* rows = nullptr;     // [n] rows to attend; nullptr -> [0, n)
+  const int32_t* rows = nullptr;     // [n] rows to attend; nullptr -> [0, n); an entry < 0 is
+                                     // no row: skipped, it contributes nothing (rows_of_tokens)
   int64_t n = 0;
   int l_C = 0, H = 0, G = 0, d = 0;
   bool causal = false;               // key visible iff key_token <= query token
