@@ -78,6 +78,59 @@ std::string scenario_name(const ::testing::TestParamInfo<std::tuple<int, int>>& 
 INSTANTIATE_TEST_SUITE_P(AllModes, DistributedStep,
                          ::testing::Combine(::testing::Values(1, 2, 3, 4), ::testing::Range(0, 10)), scenario_name);
 
+// record_selection = false (the service's setting) keeps M_k on the backend: the same o on
+// every rank as with it (bit for bit: the same ops, only the read-back for the statistics
+// is gone), the selection's size still right without the set, and attended_local_rows
+// counting the row list's entries instead of the rows. With it, the rows attended summed
+// over the ranks are I ∪ M_k ∪ L ∪ C exactly.
+class RecordSelection : public ::testing::TestWithParam<std::tuple<int, int>> {};
+
+TEST_P(RecordSelection, OffGivesTheSameOutputAndCount) {
+  const auto [ranks, scenario_index] = GetParam();
+  const Scenario s = all_scenarios().at(static_cast<size_t>(scenario_index));
+  SCOPED_TRACE(s.name() + " P=" + std::to_string(ranks));
+  ASSERT_TRUE(s.config.mode == AttentionMode::kEsa || s.config.mode == AttentionMode::kExactTopk);
+  std::vector<std::vector<std::vector<StepRecord>>> on(static_cast<size_t>(ranks)), off(static_cast<size_t>(ranks));
+  run_local_ranks(ranks, [&](int rank, Communicator& comm) {
+    auto backend = make_cpu_backend();
+    on[static_cast<size_t>(rank)] = run_scenario(s, *backend, comm, false, true);
+    off[static_cast<size_t>(rank)] = run_scenario(s, *backend, comm, false, false);
+  });
+  int64_t p = 0;
+  bool saw_partial = false;  // a step where M_k is a strict subset of M (the count is not |M|)
+  for (size_t step = 0; step < s.chunks.size(); ++step) {
+    const int64_t l_C = s.chunks[step];
+    const Segments seg = compute_segments(p, l_C, s.config.l_I, s.config.l_L);
+    for (int layer = 0; layer < s.layers; ++layer) {
+      SCOPED_TRACE("step " + std::to_string(step) + " layer " + std::to_string(layer));
+      const auto at = [&](const auto& records, int r) -> const StepRecord& {
+        return records[static_cast<size_t>(r)][step][static_cast<size_t>(layer)];
+      };
+      const int64_t count = static_cast<int64_t>(at(on, 0).selected.size());
+      const int64_t k_entries = seg.m_size() > 0 ? s.config.top_k : 0;
+      int64_t rows_on = 0, rows_off = 0;
+      for (int r = 0; r < ranks; ++r) {
+        EXPECT_EQ(at(off, r).o, at(on, r).o) << "rank " << r;
+        EXPECT_TRUE(at(off, r).selected.empty());
+        EXPECT_EQ(at(on, r).selected_count, count);
+        EXPECT_EQ(at(off, r).selected_count, count) << "rank " << r;
+        EXPECT_EQ(at(off, r).evicted, at(on, r).evicted);
+        rows_on += at(on, r).attended_local_rows;
+        rows_off += at(off, r).attended_local_rows;
+      }
+      EXPECT_EQ(rows_on, seg.i_end + count + (seg.c_end - seg.s0()));
+      EXPECT_EQ(rows_off, seg.i_end + ranks * k_entries + (seg.c_end - seg.s0()));
+      saw_partial = saw_partial || (count > 0 && count < seg.m_size());
+    }
+    p += l_C;
+  }
+  EXPECT_TRUE(saw_partial);
+}
+
+// esa, esa + lagkv, exact-topk, exact-topk + lagkv (scenario order: mode-major, lagkv off/on).
+INSTANTIATE_TEST_SUITE_P(SelectionOnTheBackend, RecordSelection,
+                         ::testing::Combine(::testing::Values(1, 2, 3, 4), ::testing::Values(2, 3, 4, 5)), scenario_name);
+
 // Where the attention went (the metric of the selection statistics): the softmax mass on I,
 // M_k and L ∪ C measured by the distributed step equals SPEC's attention recomputed in
 // float64 (support/naive_spec.h), on every rank alike; measuring leaves o as the oracle's.

@@ -55,16 +55,18 @@ struct Scenario {
 struct StepRecord {
   std::vector<float> o;
   std::vector<int64_t> selected, evicted;
+  int64_t selected_count = 0, attended_local_rows = 0;
   AttentionShare share;
 };
 
 // Runs the whole scenario on this rank; returns records[step][layer].
 inline std::vector<std::vector<StepRecord>> run_scenario(const Scenario& s, Backend& backend, Communicator& comm,
-                                                         bool measure_share = false) {
+                                                         bool measure_share = false, bool record_selection = true) {
   const CompressionWeights cw = s.compression();
   ContextAttentionOptions options{.attention = s.config, .layers = s.layers, .H = s.H, .G = s.G, .d = s.d,
                                   .kv_dtype = DType::kF32, .kv_block = s.kv_block,
-                                  .inv_freq = rope_inv_freq(s.d, s.rope_theta), .compression = &cw};
+                                  .inv_freq = rope_inv_freq(s.d, s.rope_theta), .compression = &cw,
+                                  .record_selection = record_selection};
   ContextAttention attention(backend, comm, options);
   attention.measure_attention_share(measure_share);
   std::vector<std::vector<StepRecord>> records;
@@ -78,6 +80,8 @@ inline std::vector<std::vector<StepRecord>> run_scenario(const Scenario& s, Back
       attention.forward(layer, q.data(), k.data(), v.data(), l_C, record.o.data());
       record.selected = attention.last_stats(layer).selected;
       record.evicted = attention.last_stats(layer).evicted;
+      record.selected_count = attention.last_stats(layer).selected_count;
+      record.attended_local_rows = attention.last_stats(layer).attended_local_rows;
       record.share = attention.last_stats(layer).share;
       per_layer.push_back(std::move(record));
     }

@@ -5,6 +5,11 @@
 //       proximity, local top-k, all-gather candidates, the same global top-k on every rank
 //   [4] attend: partial attention over owned rows of I ∪ M_k (global) and L ∪ C (local),
 //       all-gather the (o, lse) partials, LSE merge: the same o on every rank.
+// In esa and exact-topk, [3] and [4] stay on the backend: the selected tokens, their merge
+// across ranks and their token -> row lookup never come to the host (rows_of_tokens), so a
+// decode step waits for the device only in collectives, in LagKV's eviction steps and, with
+// record_selection, to read M_k back for the statistics. Block mode and the attention share
+// measurement keep host steps (they are not the decode hot path).
 #include "unshackle/worker/context_attention.h"
 
 #include <algorithm>
@@ -21,33 +26,12 @@ namespace {
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 enum ScratchSlot : int {
-  kScoreKeys, kQueryCompressed, kRowMax, kScores, kProximity, kCandidates, kGathered, kGlobalRows,
-  kParts, kSend, kMergeParts, kLagExtrema, kLagStd, kStage, kSlotCount
+  kScoreKeys, kQueryCompressed, kRowMax, kScores, kProximity, kCandidates, kGatheredCandidates, kUnion, kSelected,
+  kGlobalRows, kGathered, kParts, kSend, kMergeParts, kLagExtrema, kLagStd, kStage, kSlotCount
 };
 
 const unsigned char* bytes_at(const BackendBuffer& buffer, size_t offset) {
   return static_cast<const unsigned char*>(buffer.data()) + offset;
-}
-
-// Ascending sort of token ids; the result equals std::sort's (integers have one order). For
-// the top-k's non-negative tokens (~2k in decode) an LSD radix sort of 11-bit digits (2
-// passes up to 4M tokens) replaces the comparison sort, a large part of the decode step's
-// host code. The threshold is low so that the tests' selections (k = 24) take this path.
-void sort_tokens(std::vector<int64_t>& tokens, std::vector<int64_t>& spare) {
-  const bool non_negative = std::all_of(tokens.begin(), tokens.end(), [](int64_t t) { return t >= 0; });
-  if (tokens.size() < 16 || !non_negative) return std::sort(tokens.begin(), tokens.end());
-  constexpr int kBits = 11;
-  constexpr size_t kBuckets = size_t{1} << kBits;
-  const int64_t largest = *std::max_element(tokens.begin(), tokens.end());
-  spare.resize(tokens.size());
-  std::vector<size_t> start(kBuckets + 1);
-  for (int shift = 0; shift == 0 || (shift < 63 && (largest >> shift) > 0); shift += kBits) {
-    std::fill(start.begin(), start.end(), size_t{0});
-    for (int64_t t : tokens) ++start[static_cast<size_t>((t >> shift) & int64_t{kBuckets - 1}) + 1];
-    for (size_t b = 0; b < kBuckets; ++b) start[b + 1] += start[b];
-    for (int64_t t : tokens) spare[start[static_cast<size_t>((t >> shift) & int64_t{kBuckets - 1})]++] = t;
-    tokens.swap(spare);
-  }
 }
 
 // First position in [from, end) whose token is >= t: exponential search from `from`, then a
@@ -314,8 +298,8 @@ void ContextAttention::evict_due(int layer, const Segments& seg, LayerStepStats&
 // ---------------------------------------------------------------------------------------
 // [3] selection (SPEC §3 and block mode of §5)
 
-std::vector<int64_t> ContextAttention::select_tokens(int layer, const Segments& seg, const float* q,
-                                                     LayerStepStats& stats) {
+ContextAttention::Selection ContextAttention::select_tokens(int layer, const Segments& seg, const float* q,
+                                                           LayerStepStats& stats) {
   const AttentionConfig& cfg = options_.attention;
   const int d_c = shard_->options().d_c;
   const int l_C = static_cast<int>(seg.l_C);
@@ -350,53 +334,62 @@ std::vector<int64_t> ContextAttention::select_tokens(int layer, const Segments& 
   backend_.proximity({.score = F.as<float>(), .tokens = score_tokens, .n = n_s, .eps = cfg.eps, .out = F_prox.as<float>()});
   // Candidate block per rank: [k values (f32, padded to an even count)][k tokens (i64)].
   const int64_t k = cfg.top_k;
-  const size_t values_bytes = static_cast<size_t>((k + 1) / 2 * 2) * sizeof(float);
-  const size_t block_bytes = values_bytes + static_cast<size_t>(k) * sizeof(int64_t);
+  const auto ku = static_cast<size_t>(k);
+  const size_t values_bytes = (ku + 1) / 2 * 2 * sizeof(float);
+  const size_t block_bytes = values_bytes + ku * sizeof(int64_t);
   BackendBuffer& cand = scratch(kCandidates, block_bytes);
-  // No out_count: the op stays queued (no host synchronisation); padding tokens are -1.
+  // No out_count anywhere below: every op stays queued (no host wait); padding tokens are -1.
   backend_.top_k({.values = F_prox.as<float>(), .tokens = candidates, .n = n_s, .k = k, .out_values = cand.as<float>(),
                   .out_tokens = reinterpret_cast<int64_t*>(cand.as<unsigned char>() + values_bytes),
                   .out_count = nullptr});
-  std::vector<int64_t> selected(static_cast<size_t>(k));
-  if (comm_.size() == 1) {  // the local top-k is the global one: copy its tokens, skip the host merge
-    backend_.copy_to_host(selected.data(), cand.as<unsigned char>() + values_bytes, selected.size() * sizeof(int64_t));
-    selected.erase(std::find(selected.begin(), selected.end(), int64_t{-1}), selected.end());
-    return finish_selection(std::move(selected), stats);
+  Selection selection;
+  selection.tokens = reinterpret_cast<const int64_t*>(cand.as<unsigned char>() + values_bytes);
+  selection.k = k;
+  if (comm_.size() > 1) {
+    // The global top-k of the union of local top-ks, on the backend: the same input and tie
+    // rule on every rank, so the same M_k. The gathered blocks are laid out as P*k values then
+    // P*k tokens, the shape top_k reads.
+    const auto P = static_cast<size_t>(comm_.size());
+    BackendBuffer& gathered = scratch(kGatheredCandidates, block_bytes * P);
+    all_gather(cand.data(), gathered.data(), block_bytes, stats);
+    const size_t union_values_bytes = (P * ku + 1) / 2 * 2 * sizeof(float);
+    BackendBuffer& all = scratch(kUnion, union_values_bytes + P * ku * sizeof(int64_t));
+    auto* all_values = all.as<float>();
+    auto* all_tokens = reinterpret_cast<int64_t*>(all.as<unsigned char>() + union_values_bytes);
+    for (size_t r = 0; r < P; ++r) {
+      backend_.copy_within(all_values + r * ku, bytes_at(gathered, r * block_bytes), ku * sizeof(float));
+      backend_.copy_within(all_tokens + r * ku, bytes_at(gathered, r * block_bytes + values_bytes), ku * sizeof(int64_t));
+    }
+    BackendBuffer& top = scratch(kSelected, block_bytes);
+    backend_.top_k({.values = all_values, .tokens = all_tokens, .n = static_cast<int64_t>(P * ku), .k = k,
+                    .out_values = top.as<float>(),
+                    .out_tokens = reinterpret_cast<int64_t*>(top.as<unsigned char>() + values_bytes), .out_count = nullptr});
+    selection.tokens = reinterpret_cast<const int64_t*>(top.as<unsigned char>() + values_bytes);
   }
-  const auto P = static_cast<size_t>(comm_.size());
-  BackendBuffer& gathered = scratch(kGathered, block_bytes * P);
-  all_gather(cand.data(), gathered.data(), block_bytes, stats);
-
-  // The global top-k of the union of local top-ks: the same on every rank (same tie rule).
-  std::vector<unsigned char> host(block_bytes * P);
-  backend_.copy_to_host(host.data(), gathered.data(), host.size());
-  std::vector<float> values(P * static_cast<size_t>(k));
-  std::vector<int64_t> tokens(P * static_cast<size_t>(k));
-  for (size_t r = 0; r < P; ++r) {
-    std::memcpy(values.data() + r * k, host.data() + r * block_bytes, static_cast<size_t>(k) * sizeof(float));
-    std::memcpy(tokens.data() + r * k, host.data() + r * block_bytes + values_bytes, static_cast<size_t>(k) * sizeof(int64_t));
-  }
-  std::vector<float> top_values(static_cast<size_t>(k));
-  int64_t count = 0;
-  host_ops_->top_k({.values = values.data(), .tokens = tokens.data(), .n = static_cast<int64_t>(values.size()), .k = k,
-                    .out_values = top_values.data(), .out_tokens = selected.data(), .out_count = &count});
-  selected.resize(static_cast<size_t>(count));
-  return finish_selection(std::move(selected), stats);
+  record_selection(layer, seg, selection, stats);
+  return selection;
 }
 
-// The global selected set (sorted) into stats; returns the tokens this rank owns.
-std::vector<int64_t> ContextAttention::finish_selection(std::vector<int64_t> selected, LayerStepStats& stats) {
-  sort_tokens(selected, sort_spare_);
-  std::vector<int64_t> mine;
-  mine.reserve(selected.size());
-  for (int64_t t : selected)
-    if (shard_->owns(t)) mine.push_back(t);
-  stats.selected = std::move(selected);
-  return mine;
+// The selection's statistics: the set itself (one read-back) with record_selection, else its
+// size, min(k, tokens of M still held): every held token of M is some rank's candidate, and
+// the local and global top-ks keep min(k, candidates) entries (padding aside).
+void ContextAttention::record_selection(int layer, const Segments& seg, const Selection& selection,
+                                        LayerStepStats& stats) {
+  if (!options_.record_selection) {
+    const int64_t held = seg.m_size() - evicted_count_[static_cast<size_t>(layer)];  // evicted tokens all lie in M
+    stats.selected_count = std::min(selection.k, held);
+    return;
+  }
+  std::vector<int64_t>& selected = stats.selected;
+  selected.resize(static_cast<size_t>(selection.k));
+  backend_.copy_to_host(selected.data(), selection.tokens, selected.size() * sizeof(int64_t));
+  selected.erase(std::find(selected.begin(), selected.end(), int64_t{-1}), selected.end());  // padding comes last
+  std::sort(selected.begin(), selected.end());
+  stats.selected_count = static_cast<int64_t>(selected.size());
 }
 
-std::vector<int64_t> ContextAttention::select_blocks(int layer, const Segments& seg, const float* F, int64_t s_begin,
-                                                     int64_t n_s, LayerStepStats& stats) {
+ContextAttention::Selection ContextAttention::select_blocks(int layer, const Segments& seg, const float* F,
+                                                           int64_t s_begin, int64_t n_s, LayerStepStats& stats) {
   const AttentionConfig& cfg = options_.attention;
   const KvShard::Layer& store = shard_->layer(layer);
   std::vector<float> scores(static_cast<size_t>(n_s));
@@ -445,14 +438,15 @@ std::vector<int64_t> ContextAttention::select_blocks(int layer, const Segments& 
     stats.selected.insert(stats.selected.end(), part + 1, part + 1 + part[0]);
   }
   std::sort(stats.selected.begin(), stats.selected.end());
-  return mine;
+  stats.selected_count = static_cast<int64_t>(stats.selected.size());
+  return {.on_host = true, .mine = std::move(mine)};
 }
 
 // ---------------------------------------------------------------------------------------
 // [4] partial attention and the LSE merge (SPEC §4, §7)
 
-void ContextAttention::attend_and_merge(int layer, const Segments& seg, const float* q,
-                                        const std::vector<int64_t>& selected_mine, float* o, LayerStepStats& stats) {
+void ContextAttention::attend_and_merge(int layer, const Segments& seg, const float* q, const Selection& selection,
+                                        float* o, LayerStepStats& stats) {
   const AttentionConfig& cfg = options_.attention;
   const KvShard::Layer& store = shard_->layer(layer);
   const size_t half_row = shard_->kv_row_bytes() / 2;
@@ -493,36 +487,55 @@ void ContextAttention::attend_and_merge(int layer, const Segments& seg, const fl
     BackendBuffer& parts = scratch(kParts, static_cast<size_t>(n_parts) * part_floats * sizeof(float));
     float* o_parts = parts.as<float>();
     float* lse_parts = o_parts + static_cast<size_t>(n_parts) * o_count;
-    // Global part: owned rows of I ∪ M_k; keys unrotated, queries at w, non-causal. The row
-    // list is built in a reused host vector; the CUDA backend queues its copy through pinned
-    // staging (no host wait).
+    // Global part: owned rows of I ∪ M_k; keys unrotated, queries at w, non-causal.
     const auto [i0, i1] = shard_->owned_rows(layer, 0, seg.i_end);
-    std::vector<int32_t>& rows = rows_;
-    rows.clear();
-    for (int64_t r = i0; r < i1; ++r) rows.push_back(static_cast<int32_t>(r));
-    {  // selected_mine is ascending and owned: one forward walk over the owned tokens
+    const int64_t n_initial = i1 - i0;
+    int64_t n_global = 0;      // entries of the row list
+    int64_t global_rows = 0;   // rows among them, where the host knows it
+    BackendBuffer* row_buffer = nullptr;
+    if (!selection.on_host) {
+      // esa / exact-topk (and no selection): the row list is built on the backend from the
+      // selection there, I rows first, then M_k's k entries in token order (-1: not here).
+      const int64_t k = selection.tokens ? selection.k : 0;
+      const auto [m0, m1] = shard_->owned_rows(layer, seg.m_begin, seg.m_end);
+      n_global = n_initial + k;
+      row_buffer = &scratch(kGlobalRows, static_cast<size_t>(std::max<int64_t>(n_global, 1)) * sizeof(int32_t));
+      backend_.rows_of_tokens({.selected = selection.tokens, .k = k, .tokens = tokens, .search_begin = m0,
+                               .search_end = m1, .initial_begin = i0, .initial_end = i1,
+                               .rows_out = row_buffer->as<int32_t>()});
+      global_rows = n_global;
+      if (options_.record_selection) {
+        global_rows = n_initial;
+        for (int64_t t : stats.selected) global_rows += shard_->owns(t) ? 1 : 0;
+      }
+    } else {
+      // Block mode: this rank's tokens are on the host; their rows by one forward walk over
+      // the owned tokens (ascending), uploaded through the backend's pinned staging (no wait).
+      std::vector<int32_t>& rows = rows_;
+      rows.clear();
+      for (int64_t r = i0; r < i1; ++r) rows.push_back(static_cast<int32_t>(r));
       auto from = store.tokens.cbegin();
-      for (int64_t t : selected_mine) {
+      for (int64_t t : selection.mine) {
         from = seek(from, store.tokens.cend(), t);
         UNS_CHECK(from != store.tokens.end() && *from == t, "selected token {} has no row on this rank", t);
         rows.push_back(static_cast<int32_t>(from - store.tokens.cbegin()));
       }
+      n_global = global_rows = static_cast<int64_t>(rows.size());
+      row_buffer = &scratch(kGlobalRows, std::max<size_t>(rows.size(), 1) * sizeof(int32_t));
+      backend_.copy_to_backend(row_buffer->data(), rows.data(), rows.size() * sizeof(int32_t));
     }
-    BackendBuffer& row_buffer = scratch(kGlobalRows, std::max<size_t>(rows.size(), 1) * sizeof(int32_t));
-    backend_.copy_to_backend(row_buffer.data(), rows.data(), rows.size() * sizeof(int32_t));
-    attend.rows = row_buffer.as<int32_t>();
-    attend.n = static_cast<int64_t>(rows.size());
+    attend.rows = row_buffer->as<int32_t>();
+    attend.n = n_global;
     attend.causal = false;
     attend.positions = PositionScheme::kGlobal;
     attend.query_position = cfg.global_query_position();
     attend.o = o_parts;
     attend.lse = lse_parts;
     if (share) {  // I alone into part 0, M_k alone into part 1 (the same keys, split in two)
-      const int64_t n_initial = i1 - i0;
       attend.n = n_initial;
       backend_.attend(attend);
-      attend.rows = row_buffer.as<int32_t>() + n_initial;
-      attend.n = static_cast<int64_t>(rows.size()) - n_initial;
+      attend.rows = row_buffer->as<int32_t>() + n_initial;
+      attend.n = n_global - n_initial;
       attend.o = o_parts + o_count;
       attend.lse = lse_parts + out_rows;
     }
@@ -540,7 +553,7 @@ void ContextAttention::attend_and_merge(int layer, const Segments& seg, const fl
                     .d = options_.d, .o = send.as<float>(), .lse = send.as<float>() + o_count});
     if (share)
       backend_.copy_within(send.as<float>() + part_floats, lse_parts, 3 * static_cast<size_t>(out_rows) * sizeof(float));
-    stats.attended_local_rows = static_cast<int64_t>(rows.size()) + (l1 - l0);
+    stats.attended_local_rows = global_rows + (l1 - l0);
   }
 
   // Merge across ranks: gather every rank's [o | lse], lay them out as parts, LSE-merge.
@@ -606,9 +619,9 @@ void ContextAttention::forward(int layer, const float* q, const float* k, const 
   if (options_.observer) options_.observer(layer, q, k, l_C, length_);
   append_chunk(layer, l_C, k, v);                                   // [1]
   if (cfg.evicts()) evict_due(layer, seg, stats);                   // [2]
-  std::vector<int64_t> selected_mine;
-  if (cfg.selects() && seg.m_size() > 0) selected_mine = select_tokens(layer, seg, q, stats);  // [3]
-  attend_and_merge(layer, seg, q, selected_mine, o, stats);         // [4]
+  Selection selection;
+  if (cfg.selects() && seg.m_size() > 0) selection = select_tokens(layer, seg, q, stats);  // [3]
+  attend_and_merge(layer, seg, q, selection, o, stats);             // [4]
 }
 
 }  // namespace unshackle

@@ -100,6 +100,7 @@ std::unique_ptr<ModelEngine::Context> ModelEngine::make_context(const AttentionC
   ContextAttentionOptions o = model_->attention_options(attention, have_compression_ ? &compression_ : nullptr, reserve_tokens);
   o.kv_block = options_.kv_block;
   o.max_tokens = reserve_tokens;
+  o.record_selection = false;  // the metrics need |M_k| only: the decode step never reads M_k back
   context->kv = std::make_unique<ContextAttention>(*backend_, comm_, std::move(o));
   return context;
 }
@@ -144,7 +145,7 @@ StepStats ModelEngine::run_tokens(Context& context, std::span<const int32_t> tok
       const LayerStepStats& s = context.kv->last_stats(l);
       stats.collective_seconds += s.collective_seconds;
       if (context.attention.selects()) {
-        stats.selected_tokens += static_cast<int64_t>(s.selected.size());
+        stats.selected_tokens += s.selected_count;
         stats.middle_tokens += seg.m_size();
       }
       if (s.share.measured) {

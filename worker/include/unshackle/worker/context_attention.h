@@ -36,6 +36,11 @@ struct ContextAttentionOptions {
   const CompressionWeights* compression = nullptr;  // required by esa/block; may be null otherwise
   int64_t max_tokens = 0;                  // capacity of the context (0: unbounded); beyond it -> Error(kCapacity)
   int64_t reserve_tokens = 0;              // allocate the shard for this many tokens up front
+  // LayerStepStats::selected holds the selected set (esa, exact-topk: read back from the
+  // backend, one host wait per layer step). Off: only its size is kept, computed on the host
+  // without waiting, and a decode step never waits for the device except in collectives and
+  // LagKV's eviction steps. The service (ModelEngine) turns it off; tests and tools keep it.
+  bool record_selection = true;
   // Optional: sees each layer step's q [l_C, H, d] and k [l_C, G, d] (pre-RoPE, backend
   // memory) before attention; `first` is the chunk's first token. `unshackle calibrate` uses it.
   std::function<void(int layer, const float* q, const float* k, int64_t l_C, int64_t first)> observer = {};
@@ -52,9 +57,14 @@ struct AttentionShare {
 
 // What one layer step did, for tests, the case tool and metrics.
 struct LayerStepStats {
-  std::vector<int64_t> selected;    // global M_k, ascending
+  std::vector<int64_t> selected;    // global M_k, ascending (esa/exact-topk: only with record_selection)
+  int64_t selected_count = 0;       // |M_k|, in every mode and setting
   std::vector<int64_t> evicted;     // tokens this step evicted (ascending)
-  int64_t attended_local_rows = 0;  // rows this rank attended (global + local part)
+  // Rows this rank attended (global + local part). esa/exact-topk without record_selection:
+  // the entries of the global row list instead (owned I rows + k entries, the selected tokens
+  // other ranks own being skipped entries), since which selected rows are owned is known on
+  // the device only; equal to the rows attended at P = 1 once M holds k tokens.
+  int64_t attended_local_rows = 0;
   double collective_seconds = 0;    // wall time inside communicator calls
   AttentionShare share;
 };
@@ -96,14 +106,24 @@ class ContextAttention {
   Backend& backend() const { return backend_; }
 
  private:
+  // What selection [3] hands to attention [4]: esa and exact-topk leave the global M_k in
+  // backend memory (`tokens`, k entries padded with -1, any order), block mode gives this
+  // rank's selected tokens on the host (`mine`, ascending); no selection: neither.
+  struct Selection {
+    const int64_t* tokens = nullptr;
+    int64_t k = 0;
+    bool on_host = false;
+    std::vector<int64_t> mine;
+  };
+
   void append_chunk(int layer, int64_t l_C, const float* k, const float* v);
   void evict_due(int layer, const Segments& seg, LayerStepStats& stats);
-  std::vector<int64_t> select_tokens(int layer, const Segments& seg, const float* q, LayerStepStats& stats);
-  std::vector<int64_t> finish_selection(std::vector<int64_t> selected, LayerStepStats& stats);
-  std::vector<int64_t> select_blocks(int layer, const Segments& seg, const float* F, int64_t s_begin, int64_t n_s,
-                                     LayerStepStats& stats);
-  void attend_and_merge(int layer, const Segments& seg, const float* q, const std::vector<int64_t>& selected_mine,
-                        float* o, LayerStepStats& stats);
+  Selection select_tokens(int layer, const Segments& seg, const float* q, LayerStepStats& stats);
+  void record_selection(int layer, const Segments& seg, const Selection& selection, LayerStepStats& stats);
+  Selection select_blocks(int layer, const Segments& seg, const float* F, int64_t s_begin, int64_t n_s,
+                          LayerStepStats& stats);
+  void attend_and_merge(int layer, const Segments& seg, const float* q, const Selection& selection, float* o,
+                        LayerStepStats& stats);
   void record_share(const float* payloads, int ranks, size_t stride, size_t o_count, int64_t out_rows,
                     LayerStepStats& stats);
   // Collectives on buffers in backend memory (staged through the communicator's memory when it differs).
@@ -126,8 +146,7 @@ class ContextAttention {
   std::vector<int64_t> layer_length_;     // tokens appended per layer
   std::vector<int64_t> lag_done_;         // LagKV partitions already scored, per layer
   std::vector<int64_t> evicted_count_;    // tokens evicted so far, per layer (all lie in M)
-  std::vector<int32_t> rows_;             // the global part's row list, reused every step
-  std::vector<int64_t> sort_spare_;       // finish_selection's radix-sort buffer
+  std::vector<int32_t> rows_;             // block mode's global row list, reused every step
   int64_t length_ = 0;
   bool measure_share_ = false;
 };
