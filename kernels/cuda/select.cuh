@@ -6,10 +6,11 @@
 //    largest key, equal keys by index: a stable sort). The team splits the k comparisons,
 //    over the selected tokens staged in shared memory, and sums them with shuffles;
 //  - its row is found by a kTeam-ary search over the store's tokens: each round the team
-//    probes kTeam evenly spaced rows of the bracket and keeps the gap the token falls in
-//    (log_9 of the rows in rounds: 7 at 1M rows instead of a binary search's 20 dependent
-//    loads). Tokens are distinct integers, so a probe x < t also says the answer lies at most
-//    t - x rows further (and x > t at most x - t rows before): dense stretches end in one round.
+//    probes the bracket's two ends and kTeam - 2 evenly spaced rows between, and keeps the gap
+//    the token falls in (about log_7 of the rows in rounds, 7 at 1M, against a binary
+//    search's 20 dependent loads). Tokens are distinct integers, so a probe x < t also says
+//    the answer lies at most t - x rows further (and x > t at most x - t rows before): in a
+//    dense stretch the search ends in one round.
 #pragma once
 
 #include "common.cuh"
@@ -32,8 +33,10 @@ __device__ __forceinline__ int64_t team_lower_bound(const int64_t* tokens, int64
   const int leader = (threadIdx.x % 32) - member;  // the team's first lane in the warp
   int64_t a = lo, b = hi;                          // the answer lies in [a, b]
   while (a < b) {
-    // Non-decreasing probes in [a, b - 1] (some coincide when the bracket is short).
-    const int64_t probe = a + (b - a) * (member + 1) / (kTeam + 1);
+    // Non-decreasing probes in [a, b - 1] (some coincide when the bracket is short): both
+    // ends, where the distance bounds of the last round point when the rows there are dense,
+    // and kTeam - 2 evenly spaced between.
+    const int64_t probe = member == kTeam - 1 ? b - 1 : a + (b - a) * member / (kTeam - 1);
     const int64_t x = tokens[probe];
     const unsigned below = (__ballot_sync(team, x < t) >> leader) & ((1u << kTeam) - 1);
     const int count = __popc(below);  // probes below t: a prefix of the team
