@@ -10,7 +10,9 @@
 //     distinct_layers layers; each layer's KV (4.3 GB at 1M) is far above L2 (60 MB), so
 //     every step reads its rows from HBM as a real 32-layer model would.
 //     Bytes per step (per rank, n = N / P): full 32 * n * 4096 B; ESA 32 * (n * 256 B of k'
-//     + 6272 * 4096 B / P of rows).
+//     + 6272 * 4096 B / P of rows). Next to the wall time: the host time of the launch loop,
+//     the GPU time (CUDA events on the backend's stream) and, on one rank, the GPU time with
+//     every launch queued ahead (no launch gaps: what a CUDA graph of the step could reach).
 //   mpirun -np P bench_gpu_step prefill N [layers]
 //     Prefill of N tokens in 512-token chunks through `layers` (default 1) layers, ESA; the
 //     32-layer figure is 32 / layers times it (layers are independent and identical in cost).
@@ -18,7 +20,8 @@
 //     Where an ESA decode layer step's wall time goes: ContextAttention runs on a decorator of
 //     the CUDA backend that times every backend call on the host, once as is (the time the host
 //     spends inside each call: blocking copies and synchronisations show up) and once with a
-//     stream synchronisation after every call (each op's own launch-to-finish time).
+//     stream synchronisation after every call (each op's own launch-to-finish time). Both modes
+//     run with record_selection off, as the service does.
 //   mpirun -np P bench_gpu_step capacity [weights_GB]
 //     The longest ESA context whose 32 layers of KV, k' and token tables fit next to
 //     `weights_GB` (default 16) of allocated model weights: estimated from the shard's bytes
@@ -30,10 +33,12 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <map>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -80,8 +85,10 @@ ContextAttentionOptions options_for(AttentionMode mode, int layers, int64_t rese
   AttentionConfig cfg;
   cfg.mode = mode;
   cfg.l_I = 128; cfg.l_L = 4096; cfg.top_k = 2048; cfg.eps = 1;
+  // record_selection off, as the service runs: the decode step never reads M_k back.
   return {.attention = cfg, .layers = layers, .H = kH, .G = kG, .d = kD, .kv_dtype = DType::kBF16, .kv_block = 256,
-          .inv_freq = rope_inv_freq(kD, 500000.0), .compression = &weights, .reserve_tokens = reserve};
+          .inv_freq = rope_inv_freq(kD, 500000.0), .compression = &weights, .reserve_tokens = reserve,
+          .record_selection = false};
 }
 
 // Forwards every call to `inner`, adding the host time spent in it (and, with `sync_each`, in a
@@ -110,6 +117,7 @@ class TimingBackend final : public Backend {
     timed("copy_within", [&] { inner_.copy_within(dst, src, bytes); });
   }
   void synchronize() override { timed("synchronize", [&] { inner_.synchronize(); }); }
+  void* native_stream() const override { return inner_.native_stream(); }
   void convert(const void* src, DType s, void* dst, DType d, size_t count) override {
     timed("convert", [&] { inner_.convert(src, s, dst, d, count); });
   }
@@ -123,6 +131,7 @@ class TimingBackend final : public Backend {
     timed(p.rows ? "attend (rows list)" : "attend (contiguous)", [&] { inner_.attend(p); });
   }
   void merge(const MergeParams& p) override { timed("merge", [&] { inner_.merge(p); }); }
+  void rows_of_tokens(const RowsOfTokensParams& p) override { timed("rows_of_tokens", [&] { inner_.rows_of_tokens(p); }); }
   void lag_reference_extrema(const LagExtremaParams& p) override {
     timed("lag_reference_extrema", [&] { inner_.lag_reference_extrema(p); });
   }
@@ -182,18 +191,86 @@ void load_context(ContextAttention& attention, Backend& backend, curandGenerator
   }
 }
 
-// 32 layer steps of one decode token each (cycling over the distinct layers); returns seconds.
-double decode_step(ContextAttention& attention, Backend& backend, Communicator& comm, Inputs& in) {
+// The times of one 32-layer decode step, all on the host clock except `gpu`:
+//  host  the launch loop itself (the 32 forward calls, before any synchronisation);
+//  wall  from the first launch until the backend's stream is done;
+//  gpu   CUDA events on the backend's stream around the step: from the first queued op to the
+//        end of the last, idle gaps while the device waits for launches included.
+// host close to gpu means the step is bound by launching (host code), not by the device.
+struct StepTimes {
+  double host = 0, wall = 0, gpu = 0;  // seconds
+  bool valid = true;                   // gated: no wait inside the step held the gate open
+};
+
+// With `gated`, every launch of the step is queued before the device starts: the stream
+// first waits for an event behind a host function that holds until the loop has queued the
+// whole step, so `gpu` is the device time without launch gaps (what a CUDA graph of the step
+// could reach). Only for steps that never wait for the device themselves (one rank: no
+// collectives; no read-back of the selection): a wait inside would wait for the gate, which a
+// 2 s watchdog then opens, and the run is reported invalid.
+struct Gate {
+  std::mutex mutex;
+  std::condition_variable opened;
+  bool open = false;
+};
+
+void CUDART_CB hold_gate(void* arg) {
+  auto* gate = static_cast<Gate*>(arg);
+  std::unique_lock<std::mutex> lock(gate->mutex);
+  gate->opened.wait_for(lock, std::chrono::seconds(2), [&] { return gate->open; });
+}
+
+#define CUDA_OK(expr) UNS_CHECK((expr) == cudaSuccess, "CUDA call failed: {}", #expr)
+
+StepTimes decode_step(ContextAttention& attention, Backend& backend, Communicator& comm, Inputs& in,
+                      bool gated = false) {
   const int layers = attention.options().layers;
+  auto* stream = static_cast<cudaStream_t>(backend.native_stream());
   comm.barrier();
+  backend.synchronize();
+  cudaEvent_t begin = nullptr, end = nullptr, gate_event = nullptr;
+  cudaStream_t side = nullptr;
+  Gate gate;
+  CUDA_OK(cudaEventCreate(&begin));
+  CUDA_OK(cudaEventCreate(&end));
+  if (gated) {
+    CUDA_OK(cudaStreamCreateWithFlags(&side, cudaStreamNonBlocking));
+    CUDA_OK(cudaEventCreateWithFlags(&gate_event, cudaEventDisableTiming));
+    CUDA_OK(cudaLaunchHostFunc(side, hold_gate, &gate));
+    CUDA_OK(cudaEventRecord(gate_event, side));
+    CUDA_OK(cudaStreamWaitEvent(stream, gate_event, 0));
+  }
+  CUDA_OK(cudaEventRecord(begin, stream));
   const auto start = Clock::now();
   for (int step = 0; step < kLayers;) {
     for (int l = 0; l < layers && step < kLayers; ++l, ++step)
       attention.forward(l, in.q.as<float>(), in.k.as<float>(), in.v.as<float>(), 1, in.o.as<float>());
     attention.commit_chunk(1);
   }
+  StepTimes t;
+  t.host = seconds_since(start);
+  CUDA_OK(cudaEventRecord(end, stream));
+  if (gated) {
+    t.valid = t.host < 1.0;  // the watchdog did not have to open the gate during the loop
+    {
+      std::lock_guard<std::mutex> lock(gate.mutex);
+      gate.open = true;
+    }
+    gate.opened.notify_all();
+  }
   backend.synchronize();
-  return seconds_since(start);
+  t.wall = seconds_since(start);
+  float ms = 0;
+  CUDA_OK(cudaEventElapsedTime(&ms, begin, end));
+  t.gpu = ms * 1e-3;
+  if (gated) {
+    CUDA_OK(cudaStreamSynchronize(side));
+    cudaStreamDestroy(side);
+    cudaEventDestroy(gate_event);
+  }
+  cudaEventDestroy(begin);
+  cudaEventDestroy(end);
+  return t;
 }
 
 void run_decode(int64_t tokens, int distinct, Backend& backend, Communicator& comm, curandGenerator_t gen) {
@@ -201,7 +278,10 @@ void run_decode(int64_t tokens, int distinct, Backend& backend, Communicator& co
   const CompressionWeights weights = random_weights(distinct);
   const bool root = comm.rank() == 0;
   if (root)
-    std::printf("decode: context %lld tokens, %d ranks, 32 layer steps (%d distinct layers x %d tokens), bf16 KV\n",
+    std::printf("decode: context %lld tokens, %d ranks, 32 layer steps (%d distinct layers x %d tokens), bf16 KV; "
+                "record_selection off (as the service runs)\n"
+                "  host = the launch loop (host clock, before any sync); gpu = CUDA events on the backend's stream "
+                "around the step; queued = gpu with every launch queued before the device starts (1 rank only)\n",
                 static_cast<long long>(tokens), comm.size(), distinct, kLayers / distinct);
   double esa_ms = 0;
   for (AttentionMode mode : {AttentionMode::kEsa, AttentionMode::kFull}) {
@@ -211,27 +291,40 @@ void run_decode(int64_t tokens, int distinct, Backend& backend, Communicator& co
     Inputs in(backend, 1, 1);
     in.fill(gen, 7, 1);
     const double load_s = seconds_since(load_start);
-    std::vector<double> times, collective;
+    std::vector<double> times, host, gpu, collective, queued;
     for (int rep = 0; rep < 6; ++rep) {
-      const double s = decode_step(attention, backend, comm, in);
+      const StepTimes s = decode_step(attention, backend, comm, in);
       if (rep == 0) continue;  // warm-up
-      times.push_back(s * 1e3);
+      times.push_back(s.wall * 1e3);
+      host.push_back(s.host * 1e3);
+      gpu.push_back(s.gpu * 1e3);
       double c = 0;
       for (int l = 0; l < distinct; ++l) c += attention.last_stats(l).collective_seconds;
       collective.push_back(c * 1e3 * (kLayers / distinct));
+    }
+    bool queued_valid = comm.size() == 1;
+    for (int rep = 0; rep < 3 && queued_valid; ++rep) {
+      const StepTimes s = decode_step(attention, backend, comm, in, /*gated=*/true);
+      queued_valid = s.valid;
+      queued.push_back(s.gpu * 1e3);
     }
     const double ms = median(times);
     const int64_t n = tokens / comm.size();
     const double bytes = mode == AttentionMode::kFull ? 32.0 * static_cast<double>(n) * 4096
                                                       : 32.0 * (static_cast<double>(n) * 256 + 6272.0 * 4096 / comm.size());
     if (mode == AttentionMode::kEsa) esa_ms = ms;
-    if (root)
-      std::printf("  %-5s 32-layer step %9.3f ms (min %.3f, max %.3f; per layer %.1f us) collectives %.3f ms; "
-                  "bytes/rank %.3f GB -> %.0f GB/s; load %.1f s%s\n",
-                  std::string(mode_name(mode)).c_str(), ms, *std::min_element(times.begin(), times.end()),
-                  *std::max_element(times.begin(), times.end()), ms * 1e3 / kLayers, median(collective), bytes * 1e-9,
-                  bytes / (ms * 1e-3) * 1e-9, load_s,
-                  mode == AttentionMode::kFull ? (" full/ESA " + std::to_string(ms / esa_ms)).c_str() : "");
+    if (!root) continue;
+    const std::string ratio = mode == AttentionMode::kFull ? " full/ESA " + std::to_string(ms / esa_ms) : "";
+    const std::string queued_text =
+        comm.size() > 1 ? "n/a (collectives wait)"
+                        : queued_valid ? std::to_string(median(queued)) + " ms" : "invalid (the step waited inside)";
+    std::printf("  %-5s 32-layer step %9.3f ms (min %.3f, max %.3f; per layer %.1f us) collectives %.3f ms; "
+                "bytes/rank %.3f GB -> %.0f GB/s; load %.1f s%s\n"
+                "        host %.3f ms (per layer %.1f us), gpu %.3f ms, queued %s\n",
+                std::string(mode_name(mode)).c_str(), ms, *std::min_element(times.begin(), times.end()),
+                *std::max_element(times.begin(), times.end()), ms * 1e3 / kLayers, median(collective), bytes * 1e-9,
+                bytes / (ms * 1e-3) * 1e-9, load_s, ratio.c_str(), median(host), median(host) * 1e3 / kLayers,
+                median(gpu), queued_text.c_str());
     std::fflush(stdout);
   }
 }
@@ -289,13 +382,15 @@ void run_breakdown(int64_t tokens, Backend& backend, Communicator& comm, curandG
     comm.barrier();
     const auto start = Clock::now();
     for (int i = 0; i < kSteps; ++i) step();
+    const double loop_us = seconds_since(start) * 1e6 / kSteps;  // the host's part, before the final wait
     timing.synchronize();
     const double step_us = seconds_since(start) * 1e6 / kSteps;
     if (!root) continue;
-    std::printf("breakdown: ESA decode layer step at %lld tokens, %d rank(s), %s: %.1f us per step (mean of %d)\n",
+    std::printf("breakdown: ESA decode layer step at %lld tokens, %d rank(s), %s: %.1f us per step (mean of %d; "
+                "the host loop alone %.1f us per step)\n",
                 static_cast<long long>(tokens), comm.size(),
                 sync_each ? "a stream synchronisation after every backend call" : "backend calls as they are", step_us,
-                kSteps);
+                kSteps, loop_us);
     double inside = 0;
     for (const auto& [what, t] : timing.totals) {
       std::printf("  %-22s %6.2f calls/step %9.1f us/step\n", what.c_str(), static_cast<double>(t.calls) / kSteps,
@@ -335,7 +430,7 @@ void run_capacity(double weights_gb, Backend& backend, Communicator& comm, curan
       load_context(attention, backend, gen, tokens);
       Inputs in(backend, 1, 1);
       in.fill(gen, 7, 1);
-      const double step = decode_step(attention, backend, comm, in);
+      const double step = decode_step(attention, backend, comm, in).wall;
       size_t after_free = 0;
       UNS_CHECK(cudaMemGetInfo(&after_free, &total_bytes) == cudaSuccess, "cudaMemGetInfo");
       if (root)
