@@ -28,6 +28,11 @@ fi
 if want step; then
   section "NCCL layer step vs the CPU oracle, mpirun -np $ranks"
   timeout 90 "${mpi[@]}" "$bin/worker_nccl_step" 2>&1 | tee "$out/step.txt" | tail -14
+  # Two ranks on one GPU need the MPI communicator (NCCL takes one rank per device).
+  if [ "$ranks" -lt 2 ]; then
+    section "layer step vs the CPU oracle, 2 ranks on one GPU over the MPI communicator"
+    timeout 120 mpirun --allow-run-as-root --oversubscribe -np 2 "$bin/worker_nccl_step" --mpi 2>&1 | tee "$out/step_mpi2.txt" | tail -14
+  fi
 fi
 if want kernels; then
   section "kernels at 128k / 256k / 1M rows (CUDA events, copy ceiling in the same run)"
@@ -64,9 +69,9 @@ if want sanitize; then
   # TopKCornerCandidatePaths reaches every path of the select's last block at <= 70001 rows.
   section "compute-sanitizer memcheck"
   timeout 100 compute-sanitizer --tool memcheck --error-exitcode 3 "$bin/kernels_cuda_test" \
-    --gtest_filter='*Merge*:*TopK*:*CompressQuery*:*AttendBoth*' 2>&1 | tee "$out/sanitize.txt" | tail -4
+    --gtest_filter='*Merge*:*TopK*:*CompressQuery*:*AttendBoth*:*RowsOfTokens*:*AttendSkips*' 2>&1 | tee "$out/sanitize.txt" | tail -4
   section "compute-sanitizer racecheck (shared-memory kernels: merge, top-k tail and rank)"
   timeout 100 compute-sanitizer --tool racecheck --error-exitcode 3 "$bin/kernels_cuda_test" \
-    --gtest_filter='*MergeMany*:*TopKCorner*' 2>&1 | tee -a "$out/sanitize.txt" | tail -4
+    --gtest_filter='*MergeMany*:*TopKCorner*:*RowsOfTokens*' 2>&1 | tee -a "$out/sanitize.txt" | tail -4
 fi
 section "done"

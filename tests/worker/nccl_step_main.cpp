@@ -2,7 +2,7 @@
 // bootstrapped over MPI, the CUDA backend, every scenario of scenario.h. Each rank checks
 // its results against the CPU oracle (selected and evicted sets exactly; output within
 // 1e-4 relative: the CUDA kernels accumulate in fp32, the oracle in double). Prints
-// "N passed, N failed" on rank 0. Run: mpirun -np 2 worker_nccl_step
+// "N passed, N failed" on rank 0. Run: mpirun -np 2 worker_nccl_step [--mpi]
 // With --kill-last-rank (run under mpirun --enable-recovery): after the scenarios the last
 // rank SIGKILLs itself mid-run; every survivor's next layer step must fail within the NCCL
 // communicator's timeout (5 s here) instead of hanging, and the survivors say so.
@@ -12,6 +12,7 @@
 
 #include <chrono>
 #include <cstring>
+#include <memory>
 
 #include <cstdio>
 #include <string>
@@ -32,8 +33,13 @@ int main(int argc, char** argv) {
     return 0;
   }
   const int device = host->rank() % devices;
-  const NcclId id = nccl_id_over(*host);
-  auto comm = make_nccl_communicator(host->rank(), host->size(), id, device);
+  // --mpi: the ranks talk through the MPI (host) communicator instead of NCCL, so several
+  // ranks can share one GPU (NCCL refuses two ranks on one device); ContextAttention then
+  // stages its collectives through host memory.
+  const bool over_mpi = argc > 1 && std::strcmp(argv[1], "--mpi") == 0;
+  std::unique_ptr<Communicator> nccl;
+  if (!over_mpi) nccl = make_nccl_communicator(host->rank(), host->size(), nccl_id_over(*host), device);
+  Communicator* comm = over_mpi ? host.get() : nccl.get();
   auto backend = make_cuda_backend(device);
   int passed = 0, failed = 0;
   for (Scenario s : all_scenarios()) {
@@ -85,7 +91,7 @@ int main(int argc, char** argv) {
     if (!problem.empty()) std::fprintf(stderr, "rank %d: %s: %s\n", host->rank(), s.name().c_str(), problem.c_str());
     (bad == 0 ? passed : failed) += 1;
     if (host->rank() == 0)
-      std::printf("%-18s P=%d nccl+%s: %s (max rel err %.2e)\n", s.name().c_str(), host->size(), backend->name().c_str(),
+      std::printf("%-18s P=%d %s+%s: %s (max rel err %.2e)\n", s.name().c_str(), host->size(), comm->name().c_str(), backend->name().c_str(),
                   bad == 0 ? "ok" : "FAILED", worst);
   }
   if (argc > 1 && std::strcmp(argv[1], "--kill-last-rank") == 0) {
