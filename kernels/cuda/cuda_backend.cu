@@ -174,8 +174,8 @@ class CudaBackend final : public Backend {
 
   void compress_query(const CompressQueryParams& p) override { bind(); cuda::launch_compress_query(p, stream_); }
   void compress_keys(const CompressKeysParams& p) override { bind(); cuda::launch_compress_keys(p, stream_); }
-  void score_query_max(const ScoreParams& p) override { bind(); cuda::launch_score_query_max(p, stream_); }
-  void score_chunk(const ScoreParams& p) override { bind(); cuda::launch_score_chunk(p, stream_); }
+  void score_query_max(const ScoreParams& p) override { bind(); cuda::launch_score_query_max(p, score_workspace_, stream_); }
+  void score_chunk(const ScoreParams& p) override { bind(); cuda::launch_score_chunk(p, score_workspace_, stream_); }
   void proximity(const ProximityParams& p) override { bind(); cuda::launch_proximity(p, stream_); }
   void top_k(const TopKParams& p) override { bind(); cuda::launch_top_k(p, topk_workspace_, stream_); }
   void attend(const AttendParams& p) override { bind(); cuda::launch_attend(p, attend_workspace_, stream_); }
@@ -195,7 +195,7 @@ class CudaBackend final : public Backend {
   int device_;
   cudaStream_t stream_ = nullptr;
   std::string name_;
-  cuda::Workspace topk_workspace_, attend_workspace_, staging_;
+  cuda::Workspace topk_workspace_, attend_workspace_, score_workspace_, staging_;
   StagingRing ring_;          // small host->device copies
   void* readback_ = nullptr;  // [kStageLimit] pinned, small device->host copies
 };

@@ -21,8 +21,13 @@ struct Workspace {
 void launch_convert(const void* src, DType src_dtype, void* dst, DType dst_dtype, size_t count, cudaStream_t stream);
 void launch_compress_query(const CompressQueryParams& p, cudaStream_t stream);
 void launch_compress_keys(const CompressKeysParams& p, cudaStream_t stream);
-void launch_score_query_max(const ScoreParams& p, cudaStream_t stream);
-void launch_score_chunk(const ScoreParams& p, cudaStream_t stream);
+// A chunk over bf16 k' may take the tensor cores, which split q' into bf16 hi/lo parts in
+// `workspace` (l_C * d_c * 4 bytes, rounded up to 64-query tiles); stream-ordered reuse.
+void launch_score_query_max(const ScoreParams& p, Workspace& workspace, cudaStream_t stream);
+void launch_score_chunk(const ScoreParams& p, Workspace& workspace, cudaStream_t stream);
+// Which kernel those launchers pick for p (benchmarks print it): "tensor cores ...", "fp32 FMA
+// ..." or "generic ...".
+const char* score_kernel_name(const ScoreParams& p, bool query_max);
 void launch_proximity(const ProximityParams& p, cudaStream_t stream);
 // Synchronises `stream` to fill the host out_count when it is not null.
 void launch_top_k(const TopKParams& p, Workspace& workspace, cudaStream_t stream);
