@@ -9,13 +9,18 @@
 //   score decode:      n*d'*2 (k') + n*4 (score out)            FLOPs 2*n*d'
 //   score query max:   n*d'*2                                   FLOPs 2*n*d'
 //   score, rows list:  n*d'*2 + n*4 (rows) + n*4 (out)          FLOPs 2*n*d'
-//   score chunk 512:   n*d'*2 + n*4 (queries from L2)            FLOPs 2*n*d'*512
+//   score chunk 512:   n*d'*2 + n*4 (queries from L2)            FLOPs 2*n*d'*512 useful; the tensor
+//   score qmax 512:    n*d'*2                                     cores run 2x that (q' = bf16 hi + lo):
+//                                                                 "executed" FLOPs 4*n*d'*512
+//   bf16 GEMM anchor:  cuBLAS 8192^3, bf16 in/out, fp32 compute    FLOPs 2*8192^3 (the tensor-core peak
+//                                                                 the chunk rows are a percentage of)
 //   proximity eps 1:   n*(4 + 8 + 4)
 //   top-k 2048:        n*(4 + 8) read (the minimum, one pass); also its launches per call
 //                      (counted from a stream capture) and the captured graph replayed
 //   attend ESA (R):    R*2*G*d*2 + R*(4 + 8) (rows, tokens)       FLOPs 4*R*H*d   (relative: keys rotated)
 //   attend ESA global: R*2*G*d*2 + R*4                          FLOPs 4*R*H*d   (keys unrotated)
 //   attend full (n):   n*2*G*d*2 + n*8 (tokens)                   FLOPs 4*n*H*d
+#include <cublas_v2.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -102,6 +107,40 @@ struct Row {
   double us, bytes, flops;
 };
 
+#define BENCH_CUBLAS_CHECK(expr)                                                                 \
+  do {                                                                                           \
+    const cublasStatus_t status_ = (expr);                                                       \
+    if (status_ != CUBLAS_STATUS_SUCCESS) {                                                      \
+      std::fprintf(stderr, "%s:%d: %s failed: status %d\n", __FILE__, __LINE__, #expr, status_); \
+      std::exit(1);                                                                              \
+    }                                                                                            \
+  } while (0)
+
+// The bf16 tensor-core rate this device reaches in a large, well-shaped GEMM: cuBLAS
+// C = A * B, 8192^3, bf16 in and out, fp32 compute, random inputs (zeros run faster). TFLOP/s.
+double gemm_anchor_tflops(Timer& timer, cudaStream_t stream) {
+  constexpr int kM = 8192;
+  const size_t count = static_cast<size_t>(kM) * kM;
+  __nv_bfloat16* a = device_alloc<__nv_bfloat16>(count);
+  __nv_bfloat16* b = device_alloc<__nv_bfloat16>(count);
+  __nv_bfloat16* c = device_alloc<__nv_bfloat16>(count);
+  fill_bf16<<<1024, 256, 0, stream>>>(a, count, 50);
+  fill_bf16<<<1024, 256, 0, stream>>>(b, count, 51);
+  cublasHandle_t handle;
+  BENCH_CUBLAS_CHECK(cublasCreate(&handle));
+  BENCH_CUBLAS_CHECK(cublasSetStream(handle, stream));
+  const float alpha = 1.0f, beta = 0.0f;
+  const double ms = timer.median_ms(20, [&](int) {
+    BENCH_CUBLAS_CHECK(cublasGemmEx(handle, CUBLAS_OP_N, CUBLAS_OP_N, kM, kM, kM, &alpha, a, CUDA_R_16BF, kM, b, CUDA_R_16BF,
+                                    kM, &beta, c, CUDA_R_16BF, kM, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+  }, 5);
+  BENCH_CUBLAS_CHECK(cublasDestroy(handle));
+  UNS_CUDA_CHECK(cudaFree(a));
+  UNS_CUDA_CHECK(cudaFree(b));
+  UNS_CUDA_CHECK(cudaFree(c));
+  return 2.0 * kM * kM * static_cast<double>(kM) / (ms * 1e-3) * 1e-12;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -118,7 +157,7 @@ int main(int argc, char** argv) {
   cudaStream_t stream;
   UNS_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
   Timer timer{stream};
-  cuda::Workspace topk_ws, attend_ws;
+  cuda::Workspace topk_ws, attend_ws, score_ws;
 
   // Ceiling: a 1 GiB device-to-device copy, bytes read + written.
   const size_t copy_bytes = size_t{1} << 30;
@@ -133,9 +172,12 @@ int main(int argc, char** argv) {
   UNS_CUDA_CHECK(cudaFree(b));
   std::printf("bench_kernels (commit %s) on %s, %d SMs, L2 %d MB; copy ceiling %.0f GB/s (1 GiB D2D, read + write)\n",
               UNS_BENCH_COMMIT, prop.name, prop.multiProcessorCount, prop.l2CacheSize >> 20, ceiling);
+  const double anchor = gemm_anchor_tflops(timer, stream);
+  std::printf("bf16 tensor-core anchor: cuBLAS GEMM 8192^3 (bf16 in/out, fp32 compute) %.1f TFLOP/s\n", anchor);
+  constexpr double kAnchorFlops = 2.0 * 8192 * 8192 * 8192;
   std::printf("shape H=%d G=%d d=%d d'=%d k=%d, bf16 K/V/k'; median of CUDA-event timed reps\n\n", kH, kG, kD, kDc, kTopK);
 
-  std::vector<Row> table;
+  std::vector<Row> table, tensor_rows;
   const auto report = [&](const std::string& op, int64_t rows, double ms, double bytes, double flops) {
     table.push_back({op, rows, ms * 1e3, bytes, flops});
     const double gbs = bytes / (ms * 1e-3) * 1e-9;
@@ -176,22 +218,42 @@ int main(int argc, char** argv) {
 
     ScoreParams sp{.qc = qc, .kc_dtype = DType::kBF16, .n = n, .l_C = 1, .d_c = kDc, .query_max_out = qmax, .score_out = score};
     const double dn = static_cast<double>(n);
-    report("score decode", n, timer.median_ms(50, [&](int i) { sp.kc = kc[i % kc_copies]; cuda::launch_score_chunk(sp, stream); }),
+    report("score decode", n, timer.median_ms(50, [&](int i) { sp.kc = kc[i % kc_copies]; cuda::launch_score_chunk(sp, score_ws, stream); }),
            dn * (kDc * 2 + 4), 2 * dn * kDc);
-    report("score query max", n, timer.median_ms(50, [&](int i) { sp.kc = kc[i % kc_copies]; cuda::launch_score_query_max(sp, stream); }),
+    report("score query max", n, timer.median_ms(50, [&](int i) { sp.kc = kc[i % kc_copies]; cuda::launch_score_query_max(sp, score_ws, stream); }),
            dn * kDc * 2, 2 * dn * kDc);
     {
       ScoreParams rp = sp;
       rp.rows = rows;
-      report("score decode, rows list", n, timer.median_ms(50, [&](int i) { rp.kc = kc[i % kc_copies]; cuda::launch_score_chunk(rp, stream); }),
+      report("score decode, rows list", n, timer.median_ms(50, [&](int i) { rp.kc = kc[i % kc_copies]; cuda::launch_score_chunk(rp, score_ws, stream); }),
              dn * (kDc * 2 + 8), 2 * dn * kDc);
     }
     {
+      // Prefill chunk, both passes of the layer step (query maxima, then scores against them):
+      // bf16 k', d' = 128, l_C = 512 is the tensor-core path (score_mma.cuh).
       ScoreParams cp = sp;
       cp.l_C = kChunk;
+      const double useful = 2 * dn * kDc * kChunk, executed = 2 * useful;  // executed: k.hi + k.lo
+      cp.kc = kc[0];
+      std::printf("  chunk l_C=%d: query max on %s, scores on %s\n", kChunk, cuda::score_kernel_name(cp, true),
+                  cuda::score_kernel_name(cp, false));
+      const auto tensor_report = [&](const char* op, double ms, double bytes) {
+        report(op, n, ms, bytes, useful);
+        std::printf("  %s: useful %.1f TFLOP/s = %.1f%% of the GEMM anchor; executed (2 MMAs, hi + lo) %.1f TFLOP/s = %.1f%%\n",
+                    op, useful / (ms * 1e-3) * 1e-12, 100 * useful / (ms * 1e-3) * 1e-12 / anchor,
+                    executed / (ms * 1e-3) * 1e-12, 100 * executed / (ms * 1e-3) * 1e-12 / anchor);
+        tensor_rows.push_back({op, n, ms * 1e3, 0, useful});
+      };
+      tensor_report("score qmax l_C=512", timer.median_ms(10, [&](int i) {
+                      cp.kc = kc[i % kc_copies];
+                      cuda::launch_score_query_max(cp, score_ws, stream);
+                    }, 2), dn * kDc * 2);
+      UNS_CUDA_CHECK(cudaMemcpyAsync(row_max, qmax, kChunk * sizeof(float), cudaMemcpyDeviceToDevice, stream));
       cp.row_max = row_max;
-      report("score chunk l_C=512", n, timer.median_ms(10, [&](int i) { cp.kc = kc[i % kc_copies]; cuda::launch_score_chunk(cp, stream); }, 1),
-             dn * (kDc * 2 + 4), 2 * dn * kDc * kChunk);
+      tensor_report("score chunk l_C=512", timer.median_ms(10, [&](int i) {
+                      cp.kc = kc[i % kc_copies];
+                      cuda::launch_score_chunk(cp, score_ws, stream);
+                    }, 2), dn * (kDc * 2 + 4));
     }
     ProximityParams pp{.score = score, .tokens = tokens, .n = n, .eps = 1, .out = prox};
     report("proximity eps=1", n, timer.median_ms(50, [&](int) { cuda::launch_proximity(pp, stream); }), dn * 16, 0);
@@ -205,7 +267,7 @@ int main(int argc, char** argv) {
         toks[c] = device_alloc<int64_t>(nn);
         sp.kc = kc[c % kc_copies];
         sp.score_out = values[c];
-        cuda::launch_score_chunk(sp, stream);
+        cuda::launch_score_chunk(sp, score_ws, stream);
         UNS_CUDA_CHECK(cudaMemcpyAsync(toks[c], tokens, nn * 8, cudaMemcpyDeviceToDevice, stream));
       }
       sp.score_out = score;
@@ -356,6 +418,15 @@ int main(int argc, char** argv) {
   }
   UNS_CUDA_CHECK(cudaGetLastError());
 
+  table.push_back({"bf16 GEMM anchor 8192^3 (cuBLAS)", 8192, kAnchorFlops / (anchor * 1e12) * 1e6, 0, kAnchorFlops});
+  std::printf("\nTensor-core chunk scoring against the anchor (%.1f TFLOP/s). Useful FLOPs 2*n*d'*l_C per pass;\n"
+              "executed 2x that (two MMAs per tile, k'.hi + k'.lo).\n", anchor);
+  std::printf("| op | rows | median us | useful TFLOP/s | of anchor | executed TFLOP/s | of anchor |\n|---|---|---|---|---|---|---|\n");
+  for (const Row& r : tensor_rows) {
+    const double tflops = r.flops / r.us * 1e-6;
+    std::printf("| %s | %lld | %.2f | %.1f | %.1f%% | %.1f | %.1f%% |\n", r.op.c_str(), static_cast<long long>(r.rows), r.us,
+                tflops, 100 * tflops / anchor, 2 * tflops, 200 * tflops / anchor);
+  }
   std::printf("\n| op | rows | median us | GB/s | of copy | TFLOP/s |\n|---|---|---|---|---|---|\n");
   for (const Row& r : table) {
     const double gbs = r.bytes / r.us * 1e-3;
