@@ -82,12 +82,11 @@ bool try_fast(const AttendParams& p, Workspace& workspace, cudaStream_t stream) 
 }
 
 // Chunks (l_C >= attend_mma::kMinChunk, bf16 K/V): queries rotated into bf16 in the
-// workspace, then the tensor-core kernel over (query tiles, G, splits); the splits fill one
-// wave when the query tiles alone do not, each keeping >= kMinSplitTiles key tiles.
+// workspace, then the tensor-core kernel over (query tiles, G, splits) (attend_mma::plan), the
+// splits combined by the LSE merge.
 template <int D>
 void run_mma(const AttendParams& p, Workspace& workspace, cudaStream_t stream) {
   using C = attend_mma::Config<D>;
-  constexpr int64_t kMinSplitTiles = 4;
   // Per call: the attribute belongs to the current device (ranks may each drive another GPU).
   UNS_CUDA_CHECK(cudaFuncSetAttribute(attend_mma::attend_mma_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       static_cast<int>(C::kSmemBytes)));
@@ -97,17 +96,10 @@ void run_mma(const AttendParams& p, Workspace& workspace, cudaStream_t stream) {
                                                                  C::kSmemBytes));
     return std::max(blocks, 1);
   }();
+  const attend_mma::Plan plan = attend_mma::plan<D>(p, static_cast<int64_t>(resident) * multiprocessors());
+  UNS_CUDA_REQUIRE(kInvalidArgument, plan.query_tiles <= 0x7fffffff, "attend: chunk too large for one launch");
+  const int splits = plan.splits;
   const int64_t M = static_cast<int64_t>(p.l_C) * (p.H / p.G);
-  const int64_t query_tiles = (M + C::kM - 1) / C::kM;
-  const int64_t key_tiles = (p.n + attend_mma::kN - 1) / attend_mma::kN;
-  const int64_t ctas = query_tiles * p.G;
-  const int64_t wanted = std::clamp<int64_t>(resident * multiprocessors() / ctas, 1, 4096);
-  const int64_t tiles_per_split =
-      std::max<int64_t>({kMinSplitTiles, (key_tiles + wanted - 1) / wanted, int64_t{1}});
-  const int64_t rows_per_split = tiles_per_split * attend_mma::kN;
-  const int splits = static_cast<int>(std::max<int64_t>(1, (key_tiles + tiles_per_split - 1) / tiles_per_split));
-  UNS_CUDA_REQUIRE(kInvalidArgument, query_tiles <= 0x7fffffff, "attend: chunk too large for one launch");
-
   const size_t rows = static_cast<size_t>(p.l_C) * p.H;
   const size_t q_bytes = (static_cast<size_t>(p.G) * M * D * sizeof(__nv_bfloat16) + 255) / 256 * 256;
   const size_t part_bytes = splits > 1 ? rows * splits * (D + 1) * sizeof(float) : 0;
@@ -122,8 +114,8 @@ void run_mma(const AttendParams& p, Workspace& workspace, cudaStream_t stream) {
   attend_mma::prepare_queries_kernel<<<static_cast<unsigned>(std::min<int64_t>((pairs + 255) / 256, 4096)), 256, 0, stream>>>(
       p, q_rot);
   UNS_CUDA_CHECK_LAUNCH();
-  const dim3 grid(static_cast<unsigned>(query_tiles), static_cast<unsigned>(p.G), static_cast<unsigned>(splits));
-  attend_mma::attend_mma_kernel<D><<<grid, C::kThreads, C::kSmemBytes, stream>>>(p, q_rot, rows_per_split, out);
+  const dim3 grid(static_cast<unsigned>(plan.query_tiles), static_cast<unsigned>(p.G), static_cast<unsigned>(splits));
+  attend_mma::attend_mma_kernel<D><<<grid, C::kThreads, C::kSmemBytes, stream>>>(p, q_rot, plan.rows_per_split, out);
   UNS_CUDA_CHECK_LAUNCH();
   if (splits > 1) {
     const merge::Shape shape = merge::merge_shape(D, splits);

@@ -24,6 +24,7 @@
 // states the resulting bound.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 
 #include "common.cuh"
@@ -51,6 +52,26 @@ struct Config {
   static constexpr size_t kSmemBytes = (kQChunks + 4 * kTileChunks) * 16 + 2 * kN * 8 + 2 * kN * 4 + D / 2 * 4;
 };
 
+// The launch of one call: (query_tiles, G, splits) CTAs, split s over key indices
+// [s * rows_per_split, +rows_per_split). `slots` = CTAs resident at once (occupancy x SMs);
+// the keys are split only when query tiles x G leave slots empty, >= kMinSplitTiles tiles each.
+struct Plan {
+  int64_t query_tiles;
+  int64_t rows_per_split;
+  int splits;
+};
+constexpr int64_t kMinSplitTiles = 4;
+template <int D>
+inline Plan plan(const AttendParams& p, int64_t slots) {
+  const int64_t M = static_cast<int64_t>(p.l_C) * (p.H / p.G);
+  const int64_t query_tiles = (M + Config<D>::kM - 1) / Config<D>::kM;
+  const int64_t key_tiles = (p.n + kN - 1) / kN;
+  const int64_t wanted = std::clamp<int64_t>(slots / (query_tiles * p.G), 1, 4096);
+  const int64_t tiles_per_split = std::max<int64_t>(kMinSplitTiles, (key_tiles + wanted - 1) / wanted);
+  return {query_tiles, tiles_per_split * kN,
+          static_cast<int>(std::max<int64_t>(1, (key_tiles + tiles_per_split - 1) / tiles_per_split))};
+}
+
 // Per-split (o, lse) like attend.cuh: row (c * H + h) * splits + split, or the output itself.
 struct Outputs {
   float* o;    // [l_C * H * splits, D]
@@ -58,7 +79,15 @@ struct Outputs {
   int splits;
 };
 
-// ---- PTX wrappers (sm_80+) ----
+// ---- PTX wrappers (sm_80+); tests/kernels/emulated/ptx_emulated.h defines the same functions
+// for the host emulation of this kernel (kernels_mma_emulated_test) ----
+#ifndef UNS_ATTEND_MMA_EMULATED
+
+// The dynamic shared memory of the launch (Config<D>::kSmemBytes).
+__device__ __forceinline__ unsigned char* dynamic_shared() {
+  extern __shared__ __align__(128) unsigned char smem[];
+  return smem;
+}
 
 __device__ __forceinline__ uint32_t shared_address(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
@@ -100,14 +129,16 @@ __device__ __forceinline__ void cp_async_4(void* dst, const void* src) {
 // Waits for every cp.async this thread issued (visible to others after __syncthreads()).
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
 
+#endif  // UNS_ATTEND_MMA_EMULATED
 // ---- end of PTX wrappers ----
 
+// Two bf16 in one MMA operand word: the lower column in the low half.
 __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
-  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // .x (the lower column) in the low half
-  return *reinterpret_cast<const uint32_t*>(&v);
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return static_cast<uint32_t>(__bfloat16_as_ushort(v.x)) | static_cast<uint32_t>(__bfloat16_as_ushort(v.y)) << 16;
 }
 __device__ __forceinline__ float2 unpack_bf16(uint32_t bits) {
-  return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&bits));
+  return make_float2(__uint_as_float(bits << 16), __uint_as_float(bits & 0xffff0000u));
 }
 
 // sin and cos of a key's RoPE angle position * inv_freq, with the reduction to [-pi, pi] in
@@ -165,8 +196,7 @@ __global__ void __launch_bounds__(Config<D>::kThreads)
   using C = Config<D>;
   constexpr int kAtoms = C::kAtoms, kChunks = C::kChunks, kThreads = C::kThreads;
   constexpr int64_t kHidden = INT64_MAX;  // token of a padding key: above every query's limit
-  extern __shared__ __align__(128) unsigned char smem[];
-  uint4* shared_q = reinterpret_cast<uint4*>(smem);
+  uint4* shared_q = reinterpret_cast<uint4*>(dynamic_shared());
   uint4* shared_k = shared_q + C::kQChunks;          // [2][kN * kChunks]
   uint4* shared_v = shared_k + 2 * C::kTileChunks;   // [2][kN * kChunks]
   auto* shared_token = reinterpret_cast<int64_t*>(shared_v + 2 * C::kTileChunks);  // [2][kN]
