@@ -1,8 +1,9 @@
-// Each CUDA op of one decode step (and the prefill chunk scoring) at 128k, 256k and 1M rows,
-// Llama-3-8B shape (H = 32, G = 8, d = 128, d' = 128, k = 2048), bf16 K/V/k', through the
-// launchers with CUDA events on one stream: median over many reps after warm-up, inputs
-// rotated over enough copies that no rep reads from L2 (> 4x its 50-60 MB). Bandwidth is
-// (bytes read + written) / time, against a device-to-device copy measured in the same run.
+// Each CUDA op of one decode step (and the prefill chunk's scoring and attention) at 128k,
+// 256k and 1M rows, Llama-3-8B shape (H = 32, G = 8, d = 128, d' = 128, k = 2048), bf16
+// K/V/k', through the launchers with CUDA events on one stream: median over many reps after
+// warm-up, inputs rotated over enough copies that no rep reads from L2 (> 4x its 50-60 MB).
+// Bandwidth is (bytes read + written) / time, against a device-to-device copy measured in the
+// same run.
 //   bench_kernels [rows...]        ($OUT set: also writes $OUT/bench_kernels.csv)
 //
 // Bytes and FLOPs (n rows; R = 6272 = l_I + k + l_L attended rows in ESA):
@@ -20,6 +21,12 @@
 //   attend ESA (R):    R*2*G*d*2 + R*(4 + 8) (rows, tokens)       FLOPs 4*R*H*d   (relative: keys rotated)
 //   attend ESA global: R*2*G*d*2 + R*4                          FLOPs 4*R*H*d   (keys unrotated)
 //   attend full (n):   n*2*G*d*2 + n*8 (tokens)                   FLOPs 4*n*H*d
+//   attend chunk (C):  C = 6784 = 128 + 2048 + 4096 + 512 rows (I, M_k, window, chunk), l_C = 512
+//                      queries: C*2*G*d*2 + C*12 + l_C*H*d*4 + l_C*H*(d+1)*4 (K/V counted once)
+//                      FLOPs 4*l_C*C*H*d, on the tensor cores (attend_mma.cuh); l_C = 15 / 16
+//                      rows compare the row kernel with the tensor-core one at the dispatch edge
+//   mma.sync peak:     back-to-back bf16 m16n8k16 from registers (the chunk kernel's
+//                      instruction), FLOPs 4096 per mma: the anchor the chunk rows are a % of
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -42,6 +49,7 @@ using namespace unshackle;
 namespace {
 
 constexpr int kH = 32, kG = 8, kD = 128, kDc = 128, kTopK = 2048, kEsaRows = 6272, kChunk = 512;
+constexpr int kEsaChunkRows = 128 + 2048 + 4096 + 512;
 
 __device__ __forceinline__ float hashed(uint64_t seed, uint64_t i) {
   uint64_t x = seed * 0x9e3779b97f4a7c15ull + i;
@@ -141,6 +149,39 @@ double gemm_anchor_tflops(Timer& timer, cudaStream_t stream) {
   return 2.0 * kM * kM * static_cast<double>(kM) / (ms * 1e-3) * 1e-12;
 }
 
+// The bf16 tensor-core rate of mma.sync on this device: every warp runs kChains independent
+// m16n8k16 accumulations on register operands (non-zero bf16 bits), no memory traffic.
+constexpr int kChains = 8;
+__global__ void mma_peak_kernel(float* sink, int iters) {
+  const uint32_t lane = threadIdx.x % 32;
+  const uint32_t a0 = 0x3f803f00u ^ lane, a1 = 0x3f403e80u + lane, a2 = 0x3ec03f20u, a3 = 0x3f103f60u ^ (lane << 1);
+  const uint32_t b0 = 0x3f203e40u + lane, b1 = 0x3e603f30u ^ lane;
+  float acc[kChains][4] = {};
+  for (int i = 0; i < iters; ++i) {
+#pragma unroll
+    for (int c = 0; c < kChains; ++c)
+      asm volatile(
+          "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+          "{%0, %1, %2, %3};\n"
+          : "+f"(acc[c][0]), "+f"(acc[c][1]), "+f"(acc[c][2]), "+f"(acc[c][3])
+          : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  }
+  float total = 0;
+#pragma unroll
+  for (int c = 0; c < kChains; ++c) total += acc[c][0] + acc[c][1] + acc[c][2] + acc[c][3];
+  if (total == 1.5f) sink[0] = total;  // never true for these inputs; keeps the chains live
+}
+
+double mma_peak_tflops(Timer& timer, cudaStream_t stream, int sms) {
+  constexpr int kIters = 256, kWarps = 4;
+  const int blocks = 8 * sms;
+  float* sink = device_alloc<float>(1);
+  const double ms = timer.median_ms(10, [&](int) { mma_peak_kernel<<<blocks, kWarps * 32, 0, stream>>>(sink, kIters); }, 3);
+  UNS_CUDA_CHECK(cudaGetLastError());
+  UNS_CUDA_CHECK(cudaFree(sink));
+  return static_cast<double>(blocks) * kWarps * kIters * kChains * 4096.0 / (ms * 1e-3) * 1e-12;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -176,6 +217,8 @@ int main(int argc, char** argv) {
   std::printf("bf16 tensor-core anchor: cuBLAS GEMM 8192^3 (bf16 in/out, fp32 compute) %.1f TFLOP/s\n", anchor);
   constexpr double kAnchorFlops = 2.0 * 8192 * 8192 * 8192;
   std::printf("shape H=%d G=%d d=%d d'=%d k=%d, bf16 K/V/k'; median of CUDA-event timed reps\n\n", kH, kG, kD, kDc, kTopK);
+  const double mma_peak = mma_peak_tflops(timer, stream, prop.multiProcessorCount);
+  std::printf("tensor-core anchor: mma.sync bf16 m16n8k16 from registers %.1f TFLOP/s\n\n", mma_peak);
 
   std::vector<Row> table, tensor_rows;
   const auto report = [&](const std::string& op, int64_t rows, double ms, double bytes, double flops) {
@@ -192,9 +235,13 @@ int main(int argc, char** argv) {
   UNS_CUDA_CHECK(cudaMemcpy(inv, inv_host.data(), inv_host.size() * 4, cudaMemcpyHostToDevice));
   float* qc = device_alloc<float>(static_cast<size_t>(kChunk) * kDc);
   float* q = device_alloc<float>(static_cast<size_t>(kH) * kD);
+  float* q_chunk = device_alloc<float>(static_cast<size_t>(kChunk) * kH * kD);
+  float* o_chunk = device_alloc<float>(static_cast<size_t>(kChunk) * kH * kD);
+  float* lse_chunk = device_alloc<float>(static_cast<size_t>(kChunk) * kH);
   float* row_max = device_alloc<float>(kChunk);
   fill_f32<<<64, 256, 0, stream>>>(qc, static_cast<size_t>(kChunk) * kDc, 1);
   fill_f32<<<64, 256, 0, stream>>>(q, static_cast<size_t>(kH) * kD, 2);
+  fill_f32<<<256, 256, 0, stream>>>(q_chunk, static_cast<size_t>(kChunk) * kH * kD, 4);
   fill_f32<<<64, 256, 0, stream>>>(row_max, kChunk, 3);
 
   for (const int64_t n : sizes) {
@@ -380,6 +427,35 @@ int main(int argc, char** argv) {
                ep.rows = rows + (static_cast<int64_t>(i) * 7919) % std::max<int64_t>(1, n - ep.n);
                cuda::launch_attend(ep, attend_ws, stream);
              }), static_cast<double>(ep.n) * (2.0 * kG * kD * 2 + 4), 4.0 * static_cast<double>(ep.n) * kH * kD);
+      // Prefill chunk over ESA's rows (scattered, a different subset per rep): global = the
+      // I ∪ M_k call (unrotated, non-causal), relative = keys rotated, causal (every key
+      // before the chunk here, so the same work); then l_C = 15 / 16 around the dispatch edge.
+      AttendParams cp = ap;
+      cp.q = q_chunk;
+      cp.o = o_chunk;
+      cp.lse = lse_chunk;
+      cp.n = std::min<int64_t>(kEsaChunkRows, n);
+      const auto chunk_row = [&](const std::string& op, int l_C, bool global) {
+        cp.l_C = l_C;
+        cp.positions = global ? PositionScheme::kGlobal : PositionScheme::kRelative;
+        cp.causal = !global;
+        cp.query_position = 4096;
+        const double cn = static_cast<double>(cp.n), flops = 4.0 * l_C * cn * kH * kD;
+        const double ms = timer.median_ms(20, [&](int i) {
+          cp.k = k[i % 2];
+          cp.v = v[i % 2];
+          cp.rows = rows + (static_cast<int64_t>(i) * 7919) % std::max<int64_t>(1, n - cp.n);
+          cuda::launch_attend(cp, attend_ws, stream);
+        });
+        report(op, n, ms, cn * (2.0 * kG * kD * 2 + 12) + l_C * kH * (kD * 4.0 + (kD + 1) * 4.0), flops);
+        std::printf("    %s: %.3g FLOP, %.1f TFLOP/s = %.1f%% of the mma.sync peak (%.1f TFLOP/s), %.1f%% of the cuBLAS GEMM anchor (this run)\n",
+                    op.c_str(), flops, flops / (ms * 1e-3) * 1e-12, 100 * flops / (ms * 1e-3) * 1e-12 / mma_peak, mma_peak,
+                    100 * flops / (ms * 1e-3) * 1e-12 / anchor);
+      };
+      chunk_row("attend chunk 512, ESA rows, global", kChunk, true);
+      chunk_row("attend chunk 512, ESA rows, relative", kChunk, false);
+      chunk_row("attend chunk 15 (row kernel), global", 15, true);
+      chunk_row("attend chunk 16 (tensor cores), global", 16, true);
       report("attend full decode", n, timer.median_ms(20, [&](int i) {
                ap.k = k[i % 2];
                ap.v = v[i % 2];
@@ -416,6 +492,9 @@ int main(int argc, char** argv) {
     UNS_CUDA_CHECK(cudaFree(lse));
     UNS_CUDA_CHECK(cudaFree(wq));
   }
+  UNS_CUDA_CHECK(cudaFree(q_chunk));
+  UNS_CUDA_CHECK(cudaFree(o_chunk));
+  UNS_CUDA_CHECK(cudaFree(lse_chunk));
   UNS_CUDA_CHECK(cudaGetLastError());
 
   table.push_back({"bf16 GEMM anchor 8192^3 (cuBLAS)", 8192, kAnchorFlops / (anchor * 1e12) * 1e6, 0, kAnchorFlops});

@@ -1,8 +1,10 @@
-// Attention launcher (kernel bodies: attend.cuh): picks the split count, runs the split
-// kernel, and combines the splits with the LSE merge (skipped when one split suffices).
+// Attention launcher (kernel bodies: attend.cuh, and attend_mma.cuh for chunks): picks the
+// split count, runs the split kernel, and combines the splits with the LSE merge (skipped when
+// one split suffices).
 #include <algorithm>
 
 #include "attend.cuh"
+#include "attend_mma.cuh"
 #include "cuda_check.h"
 #include "launchers.h"
 #include "merge.cuh"
@@ -79,6 +81,65 @@ bool try_fast(const AttendParams& p, Workspace& workspace, cudaStream_t stream) 
   return false;
 }
 
+// Chunks (l_C >= attend_mma::kMinChunk, bf16 K/V): queries rotated into bf16 in the
+// workspace, then the tensor-core kernel over (query tiles, G, splits) (attend_mma::plan), the
+// splits combined by the LSE merge.
+template <int D>
+void run_mma(const AttendParams& p, Workspace& workspace, cudaStream_t stream) {
+  using C = attend_mma::Config<D>;
+  // Per call: the attribute belongs to the current device (ranks may each drive another GPU).
+  UNS_CUDA_CHECK(cudaFuncSetAttribute(attend_mma::attend_mma_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(C::kSmemBytes)));
+  static const int resident = [] {
+    int blocks = 0;
+    UNS_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, attend_mma::attend_mma_kernel<D>, C::kThreads,
+                                                                 C::kSmemBytes));
+    return std::max(blocks, 1);
+  }();
+  const attend_mma::Plan plan = attend_mma::plan<D>(p, static_cast<int64_t>(resident) * multiprocessors());
+  UNS_CUDA_REQUIRE(kInvalidArgument, plan.query_tiles <= 0x7fffffff, "attend: chunk too large for one launch");
+  const int splits = plan.splits;
+  const int64_t M = static_cast<int64_t>(p.l_C) * (p.H / p.G);
+  const size_t rows = static_cast<size_t>(p.l_C) * p.H;
+  const size_t q_bytes = (static_cast<size_t>(p.G) * M * D * sizeof(__nv_bfloat16) + 255) / 256 * 256;
+  const size_t part_bytes = splits > 1 ? rows * splits * (D + 1) * sizeof(float) : 0;
+  auto* base = static_cast<unsigned char*>(workspace.reserve(q_bytes + part_bytes));
+  auto* q_rot = reinterpret_cast<__nv_bfloat16*>(base);
+  attend_mma::Outputs out{p.o, p.lse, 1};
+  if (splits > 1) {
+    auto* parts = reinterpret_cast<float*>(base + q_bytes);
+    out = {parts, parts + rows * splits * D, splits};
+  }
+  const int64_t pairs = static_cast<int64_t>(rows) * (D / 2);
+  attend_mma::prepare_queries_kernel<<<static_cast<unsigned>(std::min<int64_t>((pairs + 255) / 256, 4096)), 256, 0, stream>>>(
+      p, q_rot);
+  UNS_CUDA_CHECK_LAUNCH();
+  const dim3 grid(static_cast<unsigned>(plan.query_tiles), static_cast<unsigned>(p.G), static_cast<unsigned>(splits));
+  attend_mma::attend_mma_kernel<D><<<grid, C::kThreads, C::kSmemBytes, stream>>>(p, q_rot, plan.rows_per_split, out);
+  UNS_CUDA_CHECK_LAUNCH();
+  if (splits > 1) {
+    const merge::Shape shape = merge::merge_shape(D, splits);
+    merge::merge_kernel<<<static_cast<unsigned>(rows), shape.threads, 0, stream>>>(out.o, out.lse, splits, 1, splits, D,
+                                                                                    shape, p.o, p.lse);
+    UNS_CUDA_CHECK_LAUNCH();
+  }
+}
+
+// The tensor-core path takes bf16 K/V with 16-byte aligned rows and an 8-byte aligned o (its
+// stores are float2). Below kMinChunk query tokens the row kernels stay: a group of 1 would
+// leave most of a 16-row MMA tile empty, and decode (l_C = 1) is bandwidth-bound; at 16 the
+// row kernels would read every K/V row 16 times (bench_kernels times l_C = 15 and 16).
+bool try_mma(const AttendParams& p, Workspace& workspace, cudaStream_t stream) {
+  if (p.l_C < attend_mma::kMinChunk || p.kv_dtype != DType::kBF16) return false;
+  if (reinterpret_cast<uintptr_t>(p.k) % 16 != 0 || reinterpret_cast<uintptr_t>(p.v) % 16 != 0 ||
+      reinterpret_cast<uintptr_t>(p.o) % 8 != 0)
+    return false;
+  if (p.d == 64) run_mma<64>(p, workspace, stream);
+  else if (p.d == 128) run_mma<128>(p, workspace, stream);
+  else return false;
+  return true;
+}
+
 template <int D>
 void run_generic(const AttendParams& p, Workspace& workspace, cudaStream_t stream) {
   const int splits = split_count(p, 16, 2 * attend::kTile);
@@ -101,7 +162,7 @@ void launch_attend(const AttendParams& p, Workspace& workspace, cudaStream_t str
   p.check();
   UNS_CUDA_REQUIRE(kInvalidArgument, p.l_C <= 65535 && p.G <= 65535, "attend: chunk of " + std::to_string(p.l_C) + " exceeds one launch");
   UNS_CUDA_REQUIRE(kUnsupported, p.d == 64 || p.d == 128, "attend: head dim " + std::to_string(p.d) + " unsupported on CUDA (64, 128)");
-  if (try_fast(p, workspace, stream)) return;
+  if (try_mma(p, workspace, stream) || try_fast(p, workspace, stream)) return;
   UNS_CUDA_REQUIRE(kUnsupported, (p.H / p.G) <= attend::kMaxGroup,
                    "attend: at most 16 query heads per KV head on CUDA (got " + std::to_string(p.H / p.G) + ")");
   if (p.d == 64) run_generic<64>(p, workspace, stream);

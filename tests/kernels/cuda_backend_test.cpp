@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <climits>
 #include <cmath>
 #include <cstring>
 #include <functional>
@@ -859,6 +860,145 @@ TEST_F(CudaBackendTest, AttendSkipsNegativeRows) {
       for (float x : download<float>(dout, want_o.size())) EXPECT_EQ(x, 0.0f);
       for (float x : download<float>(dlse, want_lse.size())) EXPECT_EQ(x, -INFINITY);
     }
+  }
+}
+
+// ---- chunks on the tensor-core path (l_C >= 16, bf16 K/V: kernels/cuda/attend_mma.cuh) ----
+
+struct ChunkCase {
+  int l_C;
+  int64_t n;
+  int d, group, G;
+  bool global, causal, rows;
+  int64_t token0;          // token of store row 0; tokens ascend by one
+  int64_t query_lag = 0;   // the chunk starts this many tokens before the last l_C of the store
+};
+
+std::string chunk_name(const ChunkCase& cs) {
+  return "l_C " + std::to_string(cs.l_C) + " n " + std::to_string(cs.n) + " d " + std::to_string(cs.d) + " group " +
+         std::to_string(cs.group) + " G " + std::to_string(cs.G) + (cs.global ? " global" : " relative") +
+         (cs.causal ? " causal" : " full") + (cs.rows ? " rows" : " contiguous") + " token0 " + std::to_string(cs.token0);
+}
+
+// Rows whose reference lse is -inf (nothing visible) must be exactly (o 0, lse -inf); the rest
+// within kBF16Mma, o and lse each by norm-relative error.
+void expect_chunk_close(const std::vector<float>& got_o, const std::vector<float>& got_lse,
+                        const std::vector<float>& want_o, const std::vector<float>& want_lse, int d) {
+  std::vector<float> go, wo, gl, wl;
+  size_t empty_wrong = 0;
+  for (size_t r = 0; r < want_lse.size(); ++r) {
+    const auto row = [&](const std::vector<float>& o) { return o.begin() + static_cast<std::ptrdiff_t>(r * d); };
+    if (want_lse[r] == -INFINITY) {
+      empty_wrong += got_lse[r] != -INFINITY || std::any_of(row(got_o), row(got_o) + d, [](float x) { return x != 0.0f; });
+      continue;
+    }
+    go.insert(go.end(), row(got_o), row(got_o) + d);
+    wo.insert(wo.end(), row(want_o), row(want_o) + d);
+    gl.push_back(got_lse[r]);
+    wl.push_back(want_lse[r]);
+  }
+  EXPECT_EQ(empty_wrong, 0u) << "rows that see no key must give o = 0, lse = -inf";
+  if (wl.empty()) return;
+  EXPECT_LT(relative_error(go, wo), tolerance::kBF16Mma) << testing::first_offenders(go, wo, 3e-2);
+  EXPECT_LT(relative_error(gl, wl), tolerance::kBF16Mma) << testing::first_offenders(gl, wl, 3e-2);
+}
+
+// l_C in {16, 33, 512} x n in {0, 1, 97, 4099, 6800} x d 64/128 x groups 1..8 x both schemes,
+// causal or not, rows list or contiguous, positions near 1,048,000 (RoPE angles of ~10^6 rad),
+// a chunk longer than its keys (causal triangle), queries that see no key at all. The CPU side
+// of the largest case (ESA's local part: L 4096 + C 512 + 2192 more rows) is 7 GFLOP in double,
+// 11 s on a shared 2-core build machine; the whole test ~16 s there.
+TEST_F(CudaBackendTest, ChunkAttendTensorCoresAgainstCpu) {
+  const ChunkCase cases[] = {
+      {16, 0, 128, 4, 2, true, false, true, 0},            {16, 1, 64, 1, 4, false, true, false, 1048000},
+      {16, 97, 128, 8, 2, false, true, true, 1048000},     {33, 97, 64, 4, 2, true, false, true, 5},
+      {33, 97, 128, 2, 3, false, true, true, 40, 110},     {20, 300, 64, 3, 2, false, true, true, 50},
+      {33, 4099, 128, 1, 2, false, false, false, 1048000}, {33, 6800, 64, 8, 1, true, true, true, 1048000},
+      {512, 1, 128, 4, 1, false, true, false, 1048000},    {512, 97, 64, 4, 1, false, true, false, 1000},
+      {512, 4099, 64, 1, 2, true, false, true, 7},         {512, 6800, 128, 4, 1, false, true, false, 1048000},
+      {512, 2176, 128, 1, 1, true, false, true, 1048000},  // ESA's global part: I 128 + k 2048
+  };
+  for (const ChunkCase& cs : cases) {
+    SCOPED_TRACE(chunk_name(cs));
+    const int H = cs.G * cs.group;
+    const int64_t store = cs.n + 40;
+    const size_t width = static_cast<size_t>(cs.G) * cs.d;
+    const auto kb = to_bf16(normal_vector(static_cast<size_t>(store) * width, 200 + static_cast<uint64_t>(cs.n)));
+    const auto vb = to_bf16(normal_vector(static_cast<size_t>(store) * width, 201 + static_cast<uint64_t>(cs.n)));
+    const auto q = normal_vector(static_cast<size_t>(cs.l_C) * H * cs.d, 202 + static_cast<uint64_t>(cs.l_C), 0.5f);
+    std::vector<int64_t> tokens(static_cast<size_t>(store));
+    std::iota(tokens.begin(), tokens.end(), cs.token0);
+    std::vector<int32_t> rows;
+    if (cs.rows)
+      for (int64_t i = 0; i < cs.n; ++i) rows.push_back(static_cast<int32_t>((i * 7919 + 3) % store));
+    const auto inv = rope_inv_freq(cs.d, 500000.0);
+    const size_t outs = static_cast<size_t>(cs.l_C) * H;
+    std::vector<float> want_o(outs * cs.d), want_lse(outs);
+    const int64_t q_token0 = cs.token0 + store - cs.l_C - cs.query_lag;
+    AttendParams p{.q = q.data(), .q_token0 = q_token0, .k = kb.data(), .v = vb.data(),
+                   .kv_dtype = DType::kBF16, .key_tokens = tokens.data(), .rows = cs.rows ? rows.data() : nullptr,
+                   .n = cs.n, .l_C = cs.l_C, .H = H, .G = cs.G, .d = cs.d, .causal = cs.causal,
+                   .positions = cs.global ? PositionScheme::kGlobal : PositionScheme::kRelative,
+                   .origin = cs.token0 > 1000 ? 0 : std::min(cs.token0, q_token0) / 2,
+                   .query_position = cs.token0 > 1000 ? 1048100 : 4096,
+                   .inv_freq = inv.data(), .scale = 1.0f / std::sqrt(static_cast<float>(cs.d)), .o = want_o.data(),
+                   .lse = want_lse.data()};
+    cpu->attend(p);
+    auto dq = upload(q), dk = upload(kb), dv = upload(vb), dtok = upload(tokens), drows = upload(rows), dinv = upload(inv);
+    auto dout = poisoned(want_o.size()), dlse = poisoned(want_lse.size());
+    AttendParams g = p;
+    g.q = dq.as<float>(); g.k = dk.data(); g.v = dv.data(); g.key_tokens = dtok.as<int64_t>();
+    g.rows = cs.rows ? drows.as<int32_t>() : nullptr; g.inv_freq = dinv.as<float>();
+    g.o = dout.as<float>(); g.lse = dlse.as<float>();
+    gpu->attend(g);
+    expect_chunk_close(download<float>(dout, want_o.size()), download<float>(dlse, want_lse.size()), want_o, want_lse, cs.d);
+  }
+}
+
+// A rows entry < 0 is no row (padding from a device-side top-k): the chunk kernel skips it, as
+// the CPU backend does. Padding first, last, scattered, as a whole 64-row tile and as
+// INT32_MIN. All padding: o 0, lse -inf.
+TEST_F(CudaBackendTest, ChunkAttendSkipsNegativeRows) {
+  const int l_C = 40, d = 128, group = 4, G = 2, H = G * group;
+  const int64_t store = 600;
+  const size_t width = static_cast<size_t>(G) * d;
+  const auto kb = to_bf16(normal_vector(static_cast<size_t>(store) * width, 300));
+  const auto vb = to_bf16(normal_vector(static_cast<size_t>(store) * width, 301));
+  const auto q = normal_vector(static_cast<size_t>(l_C) * H * d, 302, 0.5f);
+  std::vector<int64_t> tokens(static_cast<size_t>(store));
+  std::iota(tokens.begin(), tokens.end(), 1048000);
+  const auto inv = rope_inv_freq(d, 500000.0);
+  std::vector<int32_t> padded;
+  for (int64_t i = 0; i < 500; ++i) {
+    const bool pad = i == 0 || i == 499 || i % 7 == 3 || (i >= 192 && i < 256);
+    padded.push_back(!pad ? static_cast<int32_t>((i * 7919 + 3) % store) : i == 0 ? INT32_MIN : i % 2 ? -1 : -5);
+  }
+  const size_t outs = static_cast<size_t>(l_C) * H;
+  auto dq = upload(q), dk = upload(kb), dv = upload(vb), dtok = upload(tokens), dinv = upload(inv);
+  for (bool global : {false, true}) {
+    SCOPED_TRACE(global ? "global" : "relative causal");
+    std::vector<float> want_o(outs * d), want_lse(outs);
+    AttendParams p{.q = q.data(), .q_token0 = 1048000 + store - l_C, .k = kb.data(), .v = vb.data(),
+                   .kv_dtype = DType::kBF16, .key_tokens = tokens.data(), .rows = padded.data(),
+                   .n = static_cast<int64_t>(padded.size()), .l_C = l_C, .H = H, .G = G, .d = d, .causal = !global,
+                   .positions = global ? PositionScheme::kGlobal : PositionScheme::kRelative, .origin = 0,
+                   .query_position = 1048100, .inv_freq = inv.data(), .scale = 1.0f / std::sqrt(static_cast<float>(d)),
+                   .o = want_o.data(), .lse = want_lse.data()};
+    cpu->attend(p);
+    auto drows = upload(padded), dout = poisoned(want_o.size()), dlse = poisoned(outs);
+    AttendParams g = p;
+    g.q = dq.as<float>(); g.k = dk.data(); g.v = dv.data(); g.key_tokens = dtok.as<int64_t>();
+    g.rows = drows.as<int32_t>(); g.inv_freq = dinv.as<float>();
+    g.o = dout.as<float>(); g.lse = dlse.as<float>();
+    gpu->attend(g);
+    expect_chunk_close(download<float>(dout, want_o.size()), download<float>(dlse, outs), want_o, want_lse, d);
+    // Every entry padding: nothing visible.
+    const std::vector<int32_t> none(130, -1);
+    auto dnone = upload(none), dout2 = poisoned(want_o.size()), dlse2 = poisoned(outs);
+    g.rows = dnone.as<int32_t>(); g.n = static_cast<int64_t>(none.size()); g.o = dout2.as<float>(); g.lse = dlse2.as<float>();
+    gpu->attend(g);
+    for (float x : download<float>(dout2, want_o.size())) ASSERT_EQ(x, 0.0f);
+    for (float x : download<float>(dlse2, outs)) ASSERT_EQ(x, -INFINITY);
   }
 }
 

@@ -19,6 +19,14 @@ inline constexpr double kBF16 = 1e-2;
 // accumulator on the test's own data reached 2^-19.1 (docs/kernels_notes.md). 2^-16 leaves
 // 8x over it, and a dropped lo part (~2^-9 |q_i| per channel) lands far outside.
 inline constexpr double kSplitBF16Score = 0x1p-16;
+// bf16 tensor-core attention (CUDA attend over chunks, kernels/cuda/attend_mma.cuh): Q, the
+// rotated K and the softmax weights P are rounded to bf16 for the MMAs (u = 2^-8), every sum is
+// fp32. Each rounding moves a softmax weight by a relative ~u/sqrt(3) rms at random sign: P's
+// own, and Q's and K's through the logit, in proportion to its size (rms 0.5 in the tests).
+// The norm-relative error of o is then ~ u/sqrt(3) * sqrt(1 + 2 * 0.5^2) = 2.8e-3 for any
+// number of keys (o itself and its error both shrink as 1/sqrt(keys)); lse moves by the mean
+// logit error. Bound 2u on both, ~3x that estimate; one key of 6800 missing is 1.2e-2.
+inline constexpr double kBF16Mma = 2.0 / 256;
 // SPEC §7: P ranks merge partials in another order than one rank; float32 merge rounding.
 inline constexpr double kDistributed = 1e-5;
 
