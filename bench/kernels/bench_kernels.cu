@@ -276,6 +276,7 @@ int main(int argc, char** argv) {
         // input copies rotated as above. The sum over kernels minus the graph time is what the
         // overlap (PDL) and graph submission save; each kernel's time includes its launch gap.
         std::vector<std::vector<cudaKernelNodeParams>> launches(captured.size());
+        std::vector<int> cooperative;  // per kernel (the select's grid barrier needs co-residency)
         for (size_t c = 0; c < captured.size(); ++c) {
           size_t count = 0;
           UNS_CUDA_CHECK(cudaGraphGetNodes(captured[c], nullptr, &count));
@@ -288,6 +289,11 @@ int main(int argc, char** argv) {
             cudaKernelNodeParams kp{};
             UNS_CUDA_CHECK(cudaGraphKernelNodeGetParams(node, &kp));
             launches[c].push_back(kp);
+            if (c == 0) {
+              cudaLaunchAttributeValue value{};
+              UNS_CUDA_CHECK(cudaGraphKernelNodeGetAttribute(node, cudaLaunchAttributeCooperative, &value));
+              cooperative.push_back(value.cooperative);
+            }
           }
         }
         const size_t stages = launches[0].size();
@@ -298,8 +304,12 @@ int main(int argc, char** argv) {
           const auto& calls = launches[static_cast<size_t>((i + 3) % copies)];
           for (size_t s = 0; s < stages; ++s) {
             if (i >= 0) UNS_CUDA_CHECK(cudaEventRecord(marks[static_cast<size_t>(i) * (stages + 1) + s], stream));
-            UNS_CUDA_CHECK(cudaLaunchKernel(calls[s].func, calls[s].gridDim, calls[s].blockDim, calls[s].kernelParams,
-                                            calls[s].sharedMemBytes, stream));
+            if (cooperative[s])
+              UNS_CUDA_CHECK(cudaLaunchCooperativeKernel(calls[s].func, calls[s].gridDim, calls[s].blockDim,
+                                                         calls[s].kernelParams, calls[s].sharedMemBytes, stream));
+            else
+              UNS_CUDA_CHECK(cudaLaunchKernel(calls[s].func, calls[s].gridDim, calls[s].blockDim, calls[s].kernelParams,
+                                              calls[s].sharedMemBytes, stream));
           }
           if (i >= 0) UNS_CUDA_CHECK(cudaEventRecord(marks[static_cast<size_t>(i) * (stages + 1) + stages], stream));
         }
