@@ -13,7 +13,8 @@
 //   proximity eps 1:   n*(4 + 8 + 4)
 //   top-k 2048:        n*(4 + 8) read (the minimum, one pass); also its launches per call
 //                      (counted from a stream capture), the captured graph replayed, and a
-//                      per-kernel breakdown (the captured kernels launched one by one, events between)
+//                      per-kernel breakdown (UNS_TOPK_SPLIT_RANK: the rank as its own launch;
+//                      the captured kernels launched one by one, events between)
 //   attend ESA (R):    R*2*G*d*2 + R*(4 + 8) (rows, tokens)       FLOPs 4*R*H*d   (relative: keys rotated)
 //   attend ESA global: R*2*G*d*2 + R*4                          FLOPs 4*R*H*d   (keys unrotated)
 //   attend full (n):   n*2*G*d*2 + n*8 (tokens)                   FLOPs 4*n*H*d
@@ -271,17 +272,28 @@ int main(int argc, char** argv) {
         UNS_CUDA_CHECK(cudaStreamSynchronize(stream));
         if (direct != replayed || std::count(direct.begin(), direct.end(), int64_t{-1}) != 0)
           std::printf("  (top-k graph replay differs from a direct call, or fewer than %d entries)\n", kTopK);
-        // Per-kernel breakdown: the captured kernels (capture order = launch order) launched one
-        // by one with an event pair around each, plain launches (no dependent-launch overlap),
-        // input copies rotated as above. The sum over kernels minus the graph time is what the
-        // overlap (PDL) and graph submission save; each kernel's time includes its launch gap.
-        std::vector<std::vector<cudaKernelNodeParams>> launches(captured.size());
+        // Per-kernel breakdown: calls captured with the rank split into its own launch
+        // (UNS_TOPK_SPLIT_RANK), their kernels (capture order = launch order) launched one by one
+        // with an event pair around each (cooperative where captured so; no dependent-launch
+        // overlap), input copies rotated as above. Each kernel's time includes its launch gap.
+        setenv("UNS_TOPK_SPLIT_RANK", "1", 1);
+        std::vector<cudaGraph_t> split(static_cast<size_t>(copies));
+        for (int c = 0; c < copies; ++c) {
+          queued.values = values[c];
+          queued.tokens = toks[c];
+          UNS_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+          cuda::launch_top_k(queued, topk_ws, stream);
+          UNS_CUDA_CHECK(cudaStreamEndCapture(stream, &split[static_cast<size_t>(c)]));
+          captured.push_back(split[static_cast<size_t>(c)]);  // destroyed with the others
+        }
+        unsetenv("UNS_TOPK_SPLIT_RANK");
+        std::vector<std::vector<cudaKernelNodeParams>> launches(split.size());
         std::vector<int> cooperative;  // per kernel (the select's grid barrier needs co-residency)
-        for (size_t c = 0; c < captured.size(); ++c) {
+        for (size_t c = 0; c < split.size(); ++c) {
           size_t count = 0;
-          UNS_CUDA_CHECK(cudaGraphGetNodes(captured[c], nullptr, &count));
+          UNS_CUDA_CHECK(cudaGraphGetNodes(split[c], nullptr, &count));
           std::vector<cudaGraphNode_t> nodes(count);
-          UNS_CUDA_CHECK(cudaGraphGetNodes(captured[c], nodes.data(), &count));
+          UNS_CUDA_CHECK(cudaGraphGetNodes(split[c], nodes.data(), &count));
           for (cudaGraphNode_t node : nodes) {
             cudaGraphNodeType type;
             UNS_CUDA_CHECK(cudaGraphNodeGetType(node, &type));
@@ -326,7 +338,7 @@ int main(int argc, char** argv) {
           std::sort(ms.begin(), ms.end());
           const double us = ms[ms.size() / 2] * 1e3;
           if (s == stages) {
-            std::printf("  top-k breakdown n=%lld: kernels one by one %.2f us (sum of medians %.2f us)\n",
+            std::printf("  top-k breakdown n=%lld (rank split off): kernels one by one %.2f us (sum of medians %.2f us)\n",
                         static_cast<long long>(n), us, total);
             break;
           }

@@ -1,5 +1,5 @@
 // Top-k launcher (kernel bodies and the method: topk.cuh). min(k, n) <= 4096 takes the radix
-// select (two launches; no memset but the first on a new workspace), anything larger a full
+// select (one launch, two with UNS_TOPK_SPLIT_RANK; no memset but the first on a new workspace), anything larger a full
 // CUB radix sort of the same keys. Both give the SPEC order exactly; the op synchronises only
 // to fill a non-null out_count.
 //
@@ -9,6 +9,7 @@
 #include <cub/device/device_radix_sort.cuh>
 
 #include <algorithm>
+#include <cstdlib>
 #include <map>
 #include <mutex>
 #include <string>
@@ -102,9 +103,18 @@ const uint32_t* radix_select(const TopKParams& p, Workspace& workspace, cudaStre
   const auto blocks = [](int64_t items, int64_t per_block, int64_t most) {
     return static_cast<unsigned>(std::clamp<int64_t>((items + per_block - 1) / per_block, 1, most));
   };
-  // Grid: one tile (kSelectItems per thread) per block, at most what is resident at once.
-  launch(Launch::kCooperative, select_kernel, blocks(p.n, kSelectThreads * kSelectItems, device.select_blocks),
-         kSelectThreads, stream, p, state, lists, static_cast<uint32_t>(wanted));
+  // UNS_TOPK_SPLIT_RANK set: the rank runs as a second launch (bench_kernels' per-kernel
+  // breakdown uses it; the tests run both). Default: one launch.
+  const bool split = std::getenv("UNS_TOPK_SPLIT_RANK") != nullptr;
+  // Grid: a tile (kSelectItems per thread) per block, and for the rank at least one block per
+  // 16 wanted keys (one key per warp); at most what is resident at once.
+  const int64_t rank_share = split ? 1 : (wanted + kSelectThreads / 32 - 1) / (kSelectThreads / 32);
+  const unsigned select_blocks = static_cast<unsigned>(
+      std::max<int64_t>(blocks(p.n, kSelectThreads * kSelectItems, device.select_blocks),
+                        std::min<int64_t>(rank_share, device.select_blocks)));
+  launch(Launch::kCooperative, select_kernel, select_blocks, kSelectThreads, stream, p, state, lists,
+         static_cast<uint32_t>(wanted), !split);
+  if (!split) return &state->result;
   // One block per kRankKeys selected keys, or more for long padding (k > n).
   const unsigned rank_blocks = std::max(blocks(wanted, kRankKeys, int64_t{1} << 20),
                                         blocks(p.k, kRankThreads * 4, 4 * int64_t{device.sms}));

@@ -4,22 +4,22 @@
 // Every candidate gets a unique 64-bit ranking key: the high word orders values (order-
 // preserving float bits, NaN = 0, -0 = +0), the low word is ~token (a lower token ranks
 // higher). The top-k set is "the k largest keys", found by a radix select from the top bits.
-// Two launches, no memset, no host wait:
-//  1. select_kernel (grid, cooperative: every block resident): digit 0 (key bits 63..52) of
-//     every live entry into a global histogram; a grid barrier; every block picks the bucket b0
-//     that holds the k-th key itself and filters its entries (its first tile still in
-//     registers): those above b0 go to the selected list, those in b0 to the candidate buffer
-//     (with their digit 1, bits 51..41, into a second histogram). The last block to finish
-//     completes the select on the candidates alone (tail: more digits over the candidates still
-//     tied, in shared memory once they fit, the last <= 32 ranked by one warp) and zeroes the
-//     state for the next call. On normal-like scores b0 holds ~1-3k candidates (docs/kernels_notes.md).
-//  2. rank_kernel (grid): the rank order of the <= 4096 selected keys by counting (keys are
-//     unique: the key of rank r has exactly r larger keys), written out, padded with (-inf, -1).
-// Each block loads all its items before it uses any, and each block makes at most one global
-// atomic per counter per tile: the serial chain is short. On sm_90 kernel 2 is launched early
-// (programmatic dependent launch) and waits for kernel 1 on the device.
-// The state stays zeroed between calls (kernel 1's last block restores it); the launcher
-// zeroes it once when the workspace is (re)allocated.
+// One launch (two with UNS_TOPK_SPLIT_RANK, for the bench's breakdown), no memset, no host wait:
+// select_kernel (grid, cooperative: every block resident): digit 0 (key bits 63..52) of every
+// live entry into a global histogram; a grid barrier; every block picks the bucket b0 that
+// holds the k-th key itself and filters its entries (its first tile still in registers): those
+// above b0 go to the selected list, those in b0 to the candidate buffer (with their digit 1,
+// bits 51..41, into a second histogram). The last block to finish completes the select on the
+// candidates alone (tail: more digits over the candidates still tied, in shared memory once
+// they fit, the last <= 32 ranked by one warp), zeroes the state and bumps the epoch; the other
+// blocks wait for that, then every block ranks a share of the <= 4096 selected keys by counting
+// (keys are unique: the key of rank r has exactly r larger keys) and writes the padding
+// (-inf, -1). On normal-like scores b0 holds ~1-3k candidates (docs/kernels_notes.md).
+// Split mode: the blocks exit after the filter and rank_kernel (dependent launch on sm_90)
+// ranks. Each block loads all its items before it uses any, and makes at most one global
+// atomic per counter per tile: the serial chain is short.
+// The state stays zeroed between calls (the last block restores it); the launcher zeroes it
+// once when the workspace is (re)allocated.
 // The output token comes from the key's low word: tokens must lie in [0, 2^32 - 1) and be
 // distinct (the key is then unique).
 #pragma once
@@ -52,7 +52,7 @@ struct Decision {
   uint32_t count;
 };
 
-// Device state. Everything but `result` is zero between calls.
+// Device state. Everything but `result` and `epoch` is zero between calls.
 struct State {
   uint32_t hist0[kBins0];
   uint32_t hist1[kBins1];
@@ -60,7 +60,8 @@ struct State {
   uint32_t valid;             // entries with token >= 0
   uint32_t selected;          // length of the selected list
   uint32_t candidates;        // length of the candidate buffer
-  uint32_t result;            // final selected count: kernel 2 and the host read it
+  uint32_t result;            // final selected count: the rank and the host read it
+  uint32_t epoch;             // calls whose tail finished (not zeroed: blocks wait for a change)
 };
 
 // Selected list (<= kMaxSorted, unordered) and candidate buffer (<= n): key and raw value.
@@ -242,10 +243,16 @@ __device__ __forceinline__ void grid_barrier(uint32_t* arrived) {
 // to the selected list, in b0 to the candidate buffer with digit 1 into a second histogram.
 // The last block to finish completes the select on the candidates alone.
 __global__ void __launch_bounds__(kSelectThreads, 2) select_kernel(TopKParams p, State* state, Lists lists,
-                                                                     uint32_t wanted_max) {
-  __shared__ uint32_t hist[kBins0];  // digit 0, then digit 1, then the tail's digits
+                                                                     uint32_t wanted_max, bool rank_here) {
+  // One buffer reused by phase: digit 0's histogram (words 0..4095); digit 1's and the tail's
+  // digits (words 0..2047), the tail's shared candidate values (words 2048..4095) and keys
+  // (pool[2048..4095]); then the selected keys for the rank (pool[0..4095]).
+  __shared__ alignas(16) uint64_t pool[kMaxSorted];
+  uint32_t* const hist = reinterpret_cast<uint32_t*>(pool);
   __shared__ uint32_t block_valid, take_count, keep_count, take_base, keep_base;
-  launch_dependents();  // the rank kernel's blocks may start; they wait on the device
+  launch_dependents();  // the rank kernel's blocks (split mode) may start; they wait on the device
+  // The tail block bumps the epoch only after every block has reached ticket1: read before.
+  const uint32_t epoch = threadIdx.x == 0 ? __ldcg(&state->epoch) : 0;
   for (int b = threadIdx.x; b < kBins0; b += kSelectThreads) hist[b] = 0;
   if (threadIdx.x == 0) block_valid = take_count = keep_count = 0;
   __syncthreads();
@@ -322,7 +329,9 @@ __global__ void __launch_bounds__(kSelectThreads, 2) select_kernel(TopKParams p,
     filter_tile(key, value);
   }
   flush_histogram(hist, state->hist1, kBins1);
-  if (!last_block_done(&state->ticket1)) return;
+  const bool last = last_block_done(&state->ticket1);
+  if (!last && !rank_here) return;
+  if (last) {
 
   // Tail (one block): the candidates all share digit 0 = b0; `first.remaining` of them are
   // wanted. Digit 1's bucket fixes 23 key bits (`prefix`); while more than kFew candidates tie
@@ -330,11 +339,11 @@ __global__ void __launch_bounds__(kSelectThreads, 2) select_kernel(TopKParams p,
   // tie (from the candidate buffer, or from shared memory once they fit there). Candidates
   // above the prefix are selected; those on it are selected whole, or ranked by one warp.
   __shared__ uint32_t tail_selected, shared_count, few_count;
-  __shared__ uint64_t shared_keys[kShared], few_keys[kFew];
+  __shared__ uint64_t few_keys[kFew];
   __shared__ float few_values[kFew];
-  // The tail's digits use hist[0, 2048) only: its upper half (digit 0's bins) holds the values.
-  static_assert(kBins0 - kBins1 >= kShared, "the tail's values fit in hist's upper half");
+  static_assert(kBins0 - kBins1 >= kShared && kMaxSorted - kBins1 / 2 >= kShared, "the tail's candidates fit in pool");
   float* const shared_values = reinterpret_cast<float*>(hist + kBins1);
+  uint64_t* const shared_keys = pool + kBins1;
   if (threadIdx.x == 0) {
     state->ticket0 = 0;  // every block is past the barrier (they all reached ticket1)
     state->ticket1 = 0;
@@ -426,9 +435,50 @@ __global__ void __launch_bounds__(kSelectThreads, 2) select_kernel(TopKParams p,
     state->candidates = 0;
     state->result = min(tail_selected, static_cast<uint32_t>(kMaxSorted));
   }
+  if (!rank_here) return;
+  __syncthreads();  // the tail's selections are stored (and pool is free)
+  if (threadIdx.x == 0) {
+    __threadfence();
+    atomicAdd(&state->epoch, 1u);  // release: the other blocks rank now
+  }
+  } else if (threadIdx.x == 0) {  // wait for the tail block
+    uint32_t seen = epoch;
+    do {
+      asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(seen) : "l"(&state->epoch) : "memory");
+    } while (seen == epoch);
+    __threadfence();
+  }
+  __syncthreads();
+
+  // Rank (every block): padding, and the rank order of the selected keys (unique: the key of
+  // rank r has exactly r larger keys); block b ranks a contiguous share, one key per warp at a
+  // time, its lanes counting the larger keys over a stride of the keys in shared memory.
+  const uint32_t selected = min(__ldcg(&state->result), static_cast<uint32_t>(kMaxSorted));
+  for (int64_t j = selected + static_cast<int64_t>(blockIdx.x) * kSelectThreads + threadIdx.x; j < p.k;
+       j += static_cast<int64_t>(gridDim.x) * kSelectThreads) {
+    p.out_values[j] = neg_inf();
+    p.out_tokens[j] = -1;
+  }
+  const uint32_t share = (selected + gridDim.x - 1) / gridDim.x, lo = blockIdx.x * share;
+  if (lo >= selected) return;
+  const uint32_t hi = min(lo + share, selected), lane = threadIdx.x % 32;
+#pragma unroll 4
+  for (uint32_t j = threadIdx.x; j < selected; j += kSelectThreads) pool[j] = __ldcg(lists.selected_keys + j);
+  __syncthreads();
+  for (uint32_t q = lo + threadIdx.x / 32; q < hi; q += kSelectThreads / 32) {  // uniform per warp
+    const uint64_t mine = pool[q];
+    const float value = __ldcg(lists.selected_values + q);
+    uint32_t above = 0;
+    for (uint32_t j = lane; j < selected; j += 32) above += pool[j] > mine;
+    above = __reduce_add_sync(0xffffffffu, above);
+    if (lane == 0 && above < p.k) {
+      p.out_values[above] = value;
+      p.out_tokens[above] = token_of(mine);
+    }
+  }
 }
 
-// Kernel 2: padding, and the rank order of the selected keys: warp w of block b ranks keys
+// Split mode's second launch: padding, and the rank order of the selected keys: warp w of block b ranks keys
 // b * kRankKeys + w * kRankKeysPerWarp + q, its lanes counting the larger keys in a stride.
 __global__ void __launch_bounds__(kRankThreads) rank_kernel(TopKParams p, const State* state, Lists lists) {
   __shared__ uint64_t keys[kMaxSorted];
