@@ -17,7 +17,9 @@
 //                                                                 the chunk rows are a percentage of)
 //   proximity eps 1:   n*(4 + 8 + 4)
 //   top-k 2048:        n*(4 + 8) read (the minimum, one pass); also its launches per call
-//                      (counted from a stream capture) and the captured graph replayed
+//                      (counted from a stream capture), the captured graph replayed, and a
+//                      per-kernel breakdown (UNS_TOPK_SPLIT_RANK: the rank as its own launch;
+//                      the captured kernels launched one by one, events between)
 //   attend ESA (R):    R*2*G*d*2 + R*(4 + 8) (rows, tokens)       FLOPs 4*R*H*d   (relative: keys rotated)
 //   attend ESA global: R*2*G*d*2 + R*4                          FLOPs 4*R*H*d   (keys unrotated)
 //   attend full (n):   n*2*G*d*2 + n*8 (tokens)                   FLOPs 4*n*H*d
@@ -339,6 +341,7 @@ int main(int argc, char** argv) {
       // Launches per call, counted from a stream capture of queued calls (one graph per input
       // copy); replaying those graphs times the device work without the host's submission.
       std::vector<cudaGraphExec_t> graphs;
+      std::vector<cudaGraph_t> captured;  // kept for the per-kernel breakdown below
       size_t kernels = 0, memsets = 0, others = 0;
       try {  // not fatal: the rows after this one still run
         for (int c = 0; c < copies; ++c) {
@@ -361,7 +364,7 @@ int main(int argc, char** argv) {
           }
           cudaGraphExec_t exec = nullptr;
           UNS_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
-          UNS_CUDA_CHECK(cudaGraphDestroy(graph));
+          captured.push_back(graph);
           graphs.push_back(exec);
         }
         std::printf("  top-k launches per call (stream capture, n=%lld): %zu kernels, %zu memsets, %zu other nodes\n",
@@ -378,6 +381,84 @@ int main(int argc, char** argv) {
         UNS_CUDA_CHECK(cudaStreamSynchronize(stream));
         if (direct != replayed || std::count(direct.begin(), direct.end(), int64_t{-1}) != 0)
           std::printf("  (top-k graph replay differs from a direct call, or fewer than %d entries)\n", kTopK);
+        // Per-kernel breakdown: calls captured with the rank split into its own launch
+        // (UNS_TOPK_SPLIT_RANK), their kernels (capture order = launch order) launched one by one
+        // with an event pair around each (cooperative where captured so; no dependent-launch
+        // overlap), input copies rotated as above. Each kernel's time includes its launch gap.
+        setenv("UNS_TOPK_SPLIT_RANK", "1", 1);
+        std::vector<cudaGraph_t> split(static_cast<size_t>(copies));
+        for (int c = 0; c < copies; ++c) {
+          queued.values = values[c];
+          queued.tokens = toks[c];
+          UNS_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+          cuda::launch_top_k(queued, topk_ws, stream);
+          UNS_CUDA_CHECK(cudaStreamEndCapture(stream, &split[static_cast<size_t>(c)]));
+          captured.push_back(split[static_cast<size_t>(c)]);  // destroyed with the others
+        }
+        unsetenv("UNS_TOPK_SPLIT_RANK");
+        std::vector<std::vector<cudaKernelNodeParams>> launches(split.size());
+        std::vector<int> cooperative;  // per kernel (the select's grid barrier needs co-residency)
+        for (size_t c = 0; c < split.size(); ++c) {
+          size_t count = 0;
+          UNS_CUDA_CHECK(cudaGraphGetNodes(split[c], nullptr, &count));
+          std::vector<cudaGraphNode_t> nodes(count);
+          UNS_CUDA_CHECK(cudaGraphGetNodes(split[c], nodes.data(), &count));
+          for (cudaGraphNode_t node : nodes) {
+            cudaGraphNodeType type;
+            UNS_CUDA_CHECK(cudaGraphNodeGetType(node, &type));
+            if (type != cudaGraphNodeTypeKernel) continue;
+            cudaKernelNodeParams kp{};
+            UNS_CUDA_CHECK(cudaGraphKernelNodeGetParams(node, &kp));
+            launches[c].push_back(kp);
+            if (c == 0) {
+              cudaLaunchAttributeValue value{};
+              UNS_CUDA_CHECK(cudaGraphKernelNodeGetAttribute(node, cudaLaunchAttributeCooperative, &value));
+              cooperative.push_back(value.cooperative);
+            }
+          }
+        }
+        const size_t stages = launches[0].size();
+        const int reps = 50;
+        std::vector<cudaEvent_t> marks(static_cast<size_t>(reps) * (stages + 1));
+        for (auto& e : marks) UNS_CUDA_CHECK(cudaEventCreate(&e));
+        for (int i = -3; i < reps; ++i) {  // 3 warm-up calls
+          const auto& calls = launches[static_cast<size_t>((i + 3) % copies)];
+          for (size_t s = 0; s < stages; ++s) {
+            if (i >= 0) UNS_CUDA_CHECK(cudaEventRecord(marks[static_cast<size_t>(i) * (stages + 1) + s], stream));
+            if (cooperative[s])
+              UNS_CUDA_CHECK(cudaLaunchCooperativeKernel(calls[s].func, calls[s].gridDim, calls[s].blockDim,
+                                                         calls[s].kernelParams, calls[s].sharedMemBytes, stream));
+            else
+              UNS_CUDA_CHECK(cudaLaunchKernel(calls[s].func, calls[s].gridDim, calls[s].blockDim, calls[s].kernelParams,
+                                              calls[s].sharedMemBytes, stream));
+          }
+          if (i >= 0) UNS_CUDA_CHECK(cudaEventRecord(marks[static_cast<size_t>(i) * (stages + 1) + stages], stream));
+        }
+        UNS_CUDA_CHECK(cudaStreamSynchronize(stream));
+        double total = 0;
+        for (size_t s = 0; s <= stages; ++s) {
+          std::vector<double> ms;
+          for (int i = 0; i < reps; ++i) {
+            const size_t at = static_cast<size_t>(i) * (stages + 1);
+            float t = 0;
+            UNS_CUDA_CHECK(cudaEventElapsedTime(&t, marks[at + (s < stages ? s : 0)], marks[at + (s < stages ? s + 1 : stages)]));
+            ms.push_back(t);
+          }
+          std::sort(ms.begin(), ms.end());
+          const double us = ms[ms.size() / 2] * 1e3;
+          if (s == stages) {
+            std::printf("  top-k breakdown n=%lld (rank split off): kernels one by one %.2f us (sum of medians %.2f us)\n",
+                        static_cast<long long>(n), us, total);
+            break;
+          }
+          total += us;
+          const char* name = nullptr;
+          if (cudaFuncGetName(&name, launches[0][s].func) != cudaSuccess || !name) name = "?";
+          const dim3 g = launches[0][s].gridDim, b = launches[0][s].blockDim;
+          std::printf("  top-k breakdown n=%lld: kernel %zu %s <<<%u, %u>>> %.2f us\n", static_cast<long long>(n), s + 1,
+                      name, g.x * g.y * g.z, b.x * b.y * b.z, us);
+        }
+        for (auto& e : marks) cudaEventDestroy(e);
       } catch (const std::exception& e) {
         cudaGraph_t partial = nullptr;
         if (cudaStreamEndCapture(stream, &partial) == cudaSuccess && partial) cudaGraphDestroy(partial);
@@ -385,6 +466,7 @@ int main(int argc, char** argv) {
         std::printf("  top-k capture failed: %s\n", e.what());
       }
       for (cudaGraphExec_t exec : graphs) UNS_CUDA_CHECK(cudaGraphExecDestroy(exec));
+      for (cudaGraph_t graph : captured) UNS_CUDA_CHECK(cudaGraphDestroy(graph));
       for (int c = 0; c < copies; ++c) {
         UNS_CUDA_CHECK(cudaFree(values[c]));
         UNS_CUDA_CHECK(cudaFree(toks[c]));

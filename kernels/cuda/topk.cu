@@ -1,5 +1,5 @@
 // Top-k launcher (kernel bodies and the method: topk.cuh). min(k, n) <= 4096 takes the radix
-// select (three launches; no memset but the first on a new workspace), anything larger a full
+// select (one launch, two with UNS_TOPK_SPLIT_RANK; no memset but the first on a new workspace), anything larger a full
 // CUB radix sort of the same keys. Both give the SPEC order exactly; the op synchronises only
 // to fill a non-null out_count.
 //
@@ -9,6 +9,9 @@
 #include <cub/device/device_radix_sort.cuh>
 
 #include <algorithm>
+#include <cstdlib>
+#include <map>
+#include <mutex>
 #include <string>
 #include <utility>
 
@@ -24,14 +27,23 @@ size_t align_up(size_t bytes) { return (bytes + 255) / 256 * 256; }
 struct DeviceInfo {
   int sms = 0;
   bool dependent_launch = false;  // sm_90+: programmatic dependent launch
+  int select_blocks = 0;          // most blocks of select_kernel resident at once (its grid limit)
 };
 
+// Per device, asked once (the occupancy query is not free).
 DeviceInfo device_info() {
-  int device = 0, sms = 0, major = 0;
+  int device = 0, sms = 0, major = 0, cooperative = 0, per_sm = 0;
   UNS_CUDA_CHECK(cudaGetDevice(&device));
+  static std::mutex mutex;
+  static std::map<int, DeviceInfo> known;
+  const std::lock_guard<std::mutex> lock(mutex);
+  if (const auto it = known.find(device); it != known.end()) return it->second;
   UNS_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   UNS_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  return {sms, major >= 9};
+  UNS_CUDA_CHECK(cudaDeviceGetAttribute(&cooperative, cudaDevAttrCooperativeLaunch, device));
+  UNS_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, topk::select_kernel, topk::kSelectThreads, 0));
+  UNS_CUDA_REQUIRE(kInternal, cooperative && per_sm > 0, "top_k: the device cannot launch the cooperative select kernel");
+  return known[device] = {sms, major >= 9, per_sm * sms};
 }
 
 // The state at the head of the workspace, then `payload` bytes (returned).
@@ -52,18 +64,26 @@ void drop(Workspace& workspace) noexcept {
   workspace.bytes = 0;
 }
 
+enum class Launch { kPlain, kDependent, kCooperative };
+
+// kDependent: programmatic dependent launch (starts before its predecessor ends, waits on the
+// device); kCooperative: every block resident at once (select_kernel's grid barrier needs it).
 template <typename... Args, typename... Actual>
-void launch(bool dependent, void (*kernel)(Args...), unsigned grid, unsigned block, cudaStream_t stream,
-            Actual&&... args) {
+void launch(Launch how, void (*kernel)(Args...), unsigned grid, unsigned block, cudaStream_t stream, Actual&&... args) {
   cudaLaunchAttribute attribute{};
-  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attribute.val.programmaticStreamSerializationAllowed = 1;
+  if (how == Launch::kDependent) {
+    attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attribute.val.programmaticStreamSerializationAllowed = 1;
+  } else {
+    attribute.id = cudaLaunchAttributeCooperative;
+    attribute.val.cooperative = 1;
+  }
   cudaLaunchConfig_t config{};
   config.gridDim = dim3(grid);
   config.blockDim = dim3(block);
   config.stream = stream;
-  config.attrs = dependent ? &attribute : nullptr;
-  config.numAttrs = dependent ? 1 : 0;
+  config.attrs = how == Launch::kPlain ? nullptr : &attribute;
+  config.numAttrs = how == Launch::kPlain ? 0 : 1;
   UNS_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, std::forward<Actual>(args)...));
 }
 
@@ -83,15 +103,22 @@ const uint32_t* radix_select(const TopKParams& p, Workspace& workspace, cudaStre
   const auto blocks = [](int64_t items, int64_t per_block, int64_t most) {
     return static_cast<unsigned>(std::clamp<int64_t>((items + per_block - 1) / per_block, 1, most));
   };
-  histogram_kernel<<<blocks(p.n, kHistThreads * kHistItems, 4 * int64_t{device.sms}), kHistThreads, 0, stream>>>(
-      p, state, static_cast<uint32_t>(wanted));
-  UNS_CUDA_CHECK_LAUNCH();
-  launch(device.dependent_launch, filter_kernel, blocks(p.n, kFilterThreads * kFilterItems, 2 * int64_t{device.sms}),
-         kFilterThreads, stream, p, state, lists);
+  // UNS_TOPK_SPLIT_RANK set: the rank runs as a second launch (bench_kernels' per-kernel
+  // breakdown uses it; the tests run both). Default: one launch.
+  const bool split = std::getenv("UNS_TOPK_SPLIT_RANK") != nullptr;
+  // Grid: a tile (kSelectItems per thread) per block, and for the rank at least one block per
+  // 16 wanted keys (one key per warp); at most what is resident at once.
+  const int64_t rank_share = split ? 1 : (wanted + kSelectThreads / 32 - 1) / (kSelectThreads / 32);
+  const unsigned select_blocks = static_cast<unsigned>(
+      std::max<int64_t>(blocks(p.n, kSelectThreads * kSelectItems, device.select_blocks),
+                        std::min<int64_t>(rank_share, device.select_blocks)));
+  launch(Launch::kCooperative, select_kernel, select_blocks, kSelectThreads, stream, p, state, lists,
+         static_cast<uint32_t>(wanted), !split);
+  if (!split) return &state->result;
   // One block per kRankKeys selected keys, or more for long padding (k > n).
   const unsigned rank_blocks = std::max(blocks(wanted, kRankKeys, int64_t{1} << 20),
                                         blocks(p.k, kRankThreads * 4, 4 * int64_t{device.sms}));
-  launch(device.dependent_launch, rank_kernel, rank_blocks, kRankThreads, stream, p,
+  launch(device.dependent_launch ? Launch::kDependent : Launch::kPlain, rank_kernel, rank_blocks, kRankThreads, stream, p,
          static_cast<const State*>(state), lists);
   return &state->result;
 }

@@ -4,21 +4,22 @@
 // Every candidate gets a unique 64-bit ranking key: the high word orders values (order-
 // preserving float bits, NaN = 0, -0 = +0), the low word is ~token (a lower token ranks
 // higher). The top-k set is "the k largest keys", found by a radix select from the top bits.
-// Three launches, no memset, no host wait:
-//  1. histogram_kernel (grid): digit 0 (key bits 63..52) of every live entry into a global
-//     histogram; the last block to finish picks the bucket b0 that holds the k-th key.
-//  2. filter_kernel (grid): entries above b0 go to the selected list, those in b0 to the
-//     candidate buffer (with their digit 1, bits 51..41, into a second histogram). The last
-//     block to finish completes the select on the candidates alone (tail: more digits over the
-//     candidates still tied, in shared memory once they fit, the last <= 32 ranked by one warp)
-//     and zeroes the state for the next call.
-//  3. rank_kernel (grid): the rank order of the <= 4096 selected keys by counting (keys are
-//     unique: the key of rank r has exactly r larger keys), written out, padded with (-inf, -1).
-// Each block loads all its items before it uses any, and each block makes at most one global
-// atomic per counter per tile: the serial chain is short. On sm_90 kernels 2 and 3 are launched
-// early (programmatic dependent launch) and wait for their predecessor on the device.
-// The state stays zeroed between calls (kernel 2's last block restores it); the launcher
-// zeroes it once when the workspace is (re)allocated.
+// One launch (two with UNS_TOPK_SPLIT_RANK, for the bench's breakdown), no memset, no host wait:
+// select_kernel (grid, cooperative: every block resident): digit 0 (key bits 63..52) of every
+// live entry into a global histogram; a grid barrier; every block picks the bucket b0 that
+// holds the k-th key itself and filters its entries (its first tile still in registers): those
+// above b0 go to the selected list, those in b0 to the candidate buffer (with their digit 1,
+// bits 51..41, into a second histogram). The last block to finish completes the select on the
+// candidates alone (tail: more digits over the candidates still tied, in shared memory once
+// they fit, the last <= 32 ranked by one warp), zeroes the state and bumps the epoch; the other
+// blocks wait for that, then every block ranks a share of the <= 4096 selected keys by counting
+// (keys are unique: the key of rank r has exactly r larger keys) and writes the padding
+// (-inf, -1). On normal-like scores b0 holds ~1-3k candidates (docs/kernels_notes.md).
+// Split mode: the blocks exit after the filter and rank_kernel (dependent launch on sm_90)
+// ranks. Each block loads all its items before it uses any, and makes at most one global
+// atomic per counter per tile: the serial chain is short.
+// The state stays zeroed between calls (the last block restores it); the launcher zeroes it
+// once when the workspace is (re)allocated.
 // The output token comes from the key's low word: tokens must lie in [0, 2^32 - 1) and be
 // distinct (the key is then unique).
 #pragma once
@@ -33,8 +34,7 @@ constexpr int kMaxSorted = 4096;           // largest min(k, n) of the radix-sel
 constexpr int kBins0 = 4096, kShift0 = 52;  // digit 0: key bits 63..52
 constexpr int kBins1 = 2048, kShift1 = 41;  // digit 1: key bits 51..41
 constexpr int kFixed1 = 23;                 // key bits fixed by digits 0 and 1
-constexpr int kHistThreads = 256, kHistItems = 8;
-constexpr int kFilterThreads = 512, kFilterItems = 8;
+constexpr int kSelectThreads = 512, kSelectItems = 4;  // a tile: 2048 entries per block
 constexpr int kTailItems = 8;   // candidates per thread in flight in the tail's scans
 constexpr int kShared = 2048;   // tied candidates the tail moves to shared memory
 constexpr int kFew = 32;        // tied candidates one warp ranks directly
@@ -52,16 +52,16 @@ struct Decision {
   uint32_t count;
 };
 
-// Device state. Everything but `result` and `first` is zero between calls.
+// Device state. Everything but `result` and `epoch` is zero between calls.
 struct State {
   uint32_t hist0[kBins0];
   uint32_t hist1[kBins1];
-  uint32_t ticket0, ticket1;  // blocks finished, kernels 1 and 2
+  uint32_t ticket0, ticket1;  // blocks at the grid barrier, blocks done filtering (kernel 1)
   uint32_t valid;             // entries with token >= 0
-  uint32_t selected;          // length of the selected list (kernel 2's blocks)
+  uint32_t selected;          // length of the selected list
   uint32_t candidates;        // length of the candidate buffer
-  uint32_t result;            // final selected count: kernel 3 and the host read it
-  Decision first;             // kernel 1 -> kernel 2
+  uint32_t result;            // final selected count: the rank and the host read it
+  uint32_t epoch;             // calls whose tail finished (not zeroed: blocks wait for a change)
 };
 
 // Selected list (<= kMaxSorted, unordered) and candidate buffer (<= n): key and raw value.
@@ -178,55 +178,17 @@ __device__ __forceinline__ void flush_histogram(const uint32_t* shared_hist, uin
     if (shared_hist[b]) atomicAdd(hist + b, shared_hist[b]);
 }
 
-// Kernel 1: digit 0 of every live entry, the count of live entries, and (last block) the
-// bucket of the wanted-th key, wanted = min(k, live entries).
-__global__ void __launch_bounds__(kHistThreads) histogram_kernel(TopKParams p, State* state, uint32_t wanted_max) {
-  __shared__ uint32_t hist[kBins0];
-  __shared__ uint32_t block_valid;
-  launch_dependents();
-  for (int b = threadIdx.x; b < kBins0; b += kHistThreads) hist[b] = 0;
-  if (threadIdx.x == 0) block_valid = 0;
-  __syncthreads();
-  uint32_t valid = 0;
-  constexpr int64_t tile = kHistThreads * kHistItems;
-  for (int64_t base = blockIdx.x * tile; base < p.n; base += gridDim.x * tile) {
-    int64_t token[kHistItems];
-    float value[kHistItems];
-#pragma unroll
-    for (int j = 0; j < kHistItems; ++j) {  // every load in flight before any is used
-      const int64_t i = base + j * kHistThreads + threadIdx.x;
-      token[j] = i < p.n ? __ldg(p.tokens + i) : -1;
-      value[j] = i < p.n ? __ldg(p.values + i) : 0.0f;
-    }
-#pragma unroll
-    for (int j = 0; j < kHistItems; ++j) {
-      const bool live = token[j] >= 0;
-      valid += live;
-      warp_histogram_add(hist, ordered_bits(value[j]) >> (kShift0 - 32), live);
-    }
-  }
-  valid = __reduce_add_sync(0xffffffffu, valid);
-  if (threadIdx.x % 32 == 0 && valid) atomicAdd(&block_valid, valid);
-  flush_histogram(hist, state->hist0, kBins0);
-  if (threadIdx.x == 0 && block_valid) atomicAdd(&state->valid, block_valid);
-  if (!last_block_done(&state->ticket0)) return;
-  if (threadIdx.x == 0) state->ticket0 = 0;
-  const uint32_t total = __ldcg(&state->valid);
-  const Decision d = choose_bucket<kHistThreads, kBins0, true>(state->hist0, total, min(wanted_max, total));
-  if (threadIdx.x == 0) state->first = d;
-}
-
 // Calls f(key, value, live) for the entries [0, count) of (keys, values), kTailItems per
 // thread loaded before any is used; every lane calls f equally often (f may use warp votes).
 template <bool kGlobal, typename F>
 __device__ __forceinline__ void for_each_candidate(const uint64_t* keys, const float* values, int64_t count, F&& f) {
-  constexpr int64_t chunk = kFilterThreads * kTailItems;
+  constexpr int64_t chunk = kSelectThreads * kTailItems;
   for (int64_t base = 0; base < count; base += chunk) {
     uint64_t key[kTailItems];
     float value[kTailItems];
 #pragma unroll
     for (int j = 0; j < kTailItems; ++j) {
-      const int64_t i = base + j * kFilterThreads + threadIdx.x;
+      const int64_t i = base + j * kSelectThreads + threadIdx.x;
       key[j] = 0;
       value[j] = 0.0f;
       if (i < count) {
@@ -244,31 +206,93 @@ __device__ __forceinline__ void for_each_candidate(const uint64_t* keys, const f
   }
 }
 
-// Kernel 2: filter by kernel 1's decision, digit 1 of the candidates; the last block finishes.
-__global__ void __launch_bounds__(kFilterThreads, 2) filter_kernel(TopKParams p, State* state, Lists lists) {
-  __shared__ uint32_t hist[kBins1];  // digit 1 here; the tail's digits later
-  __shared__ uint32_t take_count, keep_count, take_base, keep_base;
-  launch_dependents();
-  for (int b = threadIdx.x; b < kBins1; b += kFilterThreads) hist[b] = 0;
-  if (threadIdx.x == 0) take_count = keep_count = 0;
+// Loads one tile (kSelectItems per thread, every load in flight before any is used) as
+// ranking keys (0 = padding or past the end) and raw values.
+__device__ __forceinline__ void load_tile(const TopKParams& p, int64_t base, uint64_t (&key)[kSelectItems],
+                                          float (&value)[kSelectItems]) {
+  int64_t token[kSelectItems];
+#pragma unroll
+  for (int j = 0; j < kSelectItems; ++j) {
+    const int64_t i = base + j * kSelectThreads + threadIdx.x;
+    token[j] = i < p.n ? __ldg(p.tokens + i) : -1;
+    value[j] = i < p.n ? __ldg(p.values + i) : 0.0f;
+  }
+#pragma unroll
+  for (int j = 0; j < kSelectItems; ++j) key[j] = token[j] >= 0 ? ranking_key(value[j], token[j]) : 0;
+}
+
+// Grid-wide barrier (the launch is cooperative: every block is resident). `arrived` counts the
+// blocks; the select's last block resets it once every block is past (it is then in ticket1).
+__device__ __forceinline__ void grid_barrier(uint32_t* arrived) {
+  __syncthreads();  // the block's global atomics are issued
+  if (threadIdx.x == 0) {
+    __threadfence();
+    atomicAdd(arrived, 1u);
+    uint32_t seen = 0;
+    do {
+      asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(seen) : "l"(arrived) : "memory");
+    } while (seen < gridDim.x);
+    __threadfence();
+  }
   __syncthreads();
-  wait_for_prerequisites();
-  const Decision first = state->first;
-  constexpr int64_t tile = kFilterThreads * kFilterItems;
-  for (int64_t base = blockIdx.x * tile; base < p.n; base += gridDim.x * tile) {
-    uint64_t key[kFilterItems];
-    float value[kFilterItems];
+}
+
+// Kernel 1 (cooperative, one launch): digit 0 of every live entry into the global histogram;
+// grid barrier; every block picks the bucket b0 of the wanted-th key itself (wanted =
+// min(k, live entries)) and filters its entries (the first tile still in registers): above b0
+// to the selected list, in b0 to the candidate buffer with digit 1 into a second histogram.
+// The last block to finish completes the select on the candidates alone.
+__global__ void __launch_bounds__(kSelectThreads, 2) select_kernel(TopKParams p, State* state, Lists lists,
+                                                                     uint32_t wanted_max, bool rank_here) {
+  // One buffer reused by phase: digit 0's histogram (words 0..4095); digit 1's and the tail's
+  // digits (words 0..2047), the tail's shared candidate values (words 2048..4095) and keys
+  // (pool[2048..4095]); then the selected keys for the rank (pool[0..4095]).
+  __shared__ alignas(16) uint64_t pool[kMaxSorted];
+  uint32_t* const hist = reinterpret_cast<uint32_t*>(pool);
+  __shared__ uint32_t block_valid, take_count, keep_count, take_base, keep_base;
+  launch_dependents();  // the rank kernel's blocks (split mode) may start; they wait on the device
+  // The tail block bumps the epoch only after every block has reached ticket1: read before.
+  const uint32_t epoch = threadIdx.x == 0 ? __ldcg(&state->epoch) : 0;
+  for (int b = threadIdx.x; b < kBins0; b += kSelectThreads) hist[b] = 0;
+  if (threadIdx.x == 0) block_valid = take_count = keep_count = 0;
+  __syncthreads();
+  constexpr int64_t tile = kSelectThreads * kSelectItems;
+  const int64_t first_base = blockIdx.x * tile, stride = static_cast<int64_t>(gridDim.x) * tile;
+  uint64_t key0[kSelectItems];  // this block's first tile, kept for the filter
+  float value0[kSelectItems];
+  load_tile(p, first_base, key0, value0);
+  uint32_t valid = 0;
+  const auto count_tile = [&](const uint64_t (&key)[kSelectItems]) {
 #pragma unroll
-    for (int j = 0; j < kFilterItems; ++j) {
-      const int64_t i = base + j * kFilterThreads + threadIdx.x;
-      const int64_t token = i < p.n ? __ldg(p.tokens + i) : -1;
-      value[j] = i < p.n ? __ldg(p.values + i) : 0.0f;
-      key[j] = token >= 0 ? ranking_key(value[j], token) : 0;
+    for (int j = 0; j < kSelectItems; ++j) {
+      valid += key[j] != 0;
+      warp_histogram_add(hist, static_cast<uint32_t>(key[j] >> kShift0), key[j] != 0);
     }
-    // Slots within the block (shared atomics), then one global atomic per list per tile.
-    uint32_t slot[kFilterItems], kind = 0;  // kind: 2 bits per item, 1 = selected, 2 = candidate
+  };
+  count_tile(key0);
+  for (int64_t base = first_base + stride; base < p.n; base += stride) {
+    uint64_t key[kSelectItems];
+    float value[kSelectItems];
+    load_tile(p, base, key, value);
+    count_tile(key);
+  }
+  valid = __reduce_add_sync(0xffffffffu, valid);
+  if (threadIdx.x % 32 == 0 && valid) atomicAdd(&block_valid, valid);
+  flush_histogram(hist, state->hist0, kBins0);
+  __syncthreads();
+  if (threadIdx.x == 0 && block_valid) atomicAdd(&state->valid, block_valid);
+  grid_barrier(&state->ticket0);
+
+  for (int b = threadIdx.x; b < kBins1; b += kSelectThreads) hist[b] = 0;
+  const uint32_t total = __ldcg(&state->valid);
+  const Decision first =
+      choose_bucket<kSelectThreads, kBins0, true>(state->hist0, total, min(wanted_max, total));
+  __syncthreads();  // hist is zeroed (choose_bucket's early returns do not sync)
+  // Slots within the block (shared atomics), then one global atomic per list per tile.
+  const auto filter_tile = [&](const uint64_t (&key)[kSelectItems], const float (&value)[kSelectItems]) {
+    uint32_t slot[kSelectItems], kind = 0;  // kind: 2 bits per item, 1 = selected, 2 = candidate
 #pragma unroll
-    for (int j = 0; j < kFilterItems; ++j) {
+    for (int j = 0; j < kSelectItems; ++j) {
       const uint32_t digit = static_cast<uint32_t>(key[j] >> kShift0);
       const bool live = key[j] != 0;
       const bool take = live && (digit > first.bucket || (first.whole && digit == first.bucket));
@@ -283,7 +307,7 @@ __global__ void __launch_bounds__(kFilterThreads, 2) filter_kernel(TopKParams p,
     if (threadIdx.x == 32) keep_base = keep_count ? atomicAdd(&state->candidates, keep_count) : 0;
     __syncthreads();
 #pragma unroll
-    for (int j = 0; j < kFilterItems; ++j) {
+    for (int j = 0; j < kSelectItems; ++j) {
       const uint32_t k = (kind >> (2 * j)) & 3u;
       if (k == 1 && take_base + slot[j] < kMaxSorted) {
         lists.selected_keys[take_base + slot[j]] = key[j];
@@ -296,9 +320,18 @@ __global__ void __launch_bounds__(kFilterThreads, 2) filter_kernel(TopKParams p,
     __syncthreads();  // every thread has read the bases
     if (threadIdx.x == 0) take_count = keep_count = 0;
     __syncthreads();
+  };
+  filter_tile(key0, value0);
+  for (int64_t base = first_base + stride; base < p.n; base += stride) {  // from L2 where n fits there
+    uint64_t key[kSelectItems];
+    float value[kSelectItems];
+    load_tile(p, base, key, value);
+    filter_tile(key, value);
   }
   flush_histogram(hist, state->hist1, kBins1);
-  if (!last_block_done(&state->ticket1)) return;
+  const bool last = last_block_done(&state->ticket1);
+  if (!last && !rank_here) return;
+  if (last) {
 
   // Tail (one block): the candidates all share digit 0 = b0; `first.remaining` of them are
   // wanted. Digit 1's bucket fixes 23 key bits (`prefix`); while more than kFew candidates tie
@@ -306,9 +339,13 @@ __global__ void __launch_bounds__(kFilterThreads, 2) filter_kernel(TopKParams p,
   // tie (from the candidate buffer, or from shared memory once they fit there). Candidates
   // above the prefix are selected; those on it are selected whole, or ranked by one warp.
   __shared__ uint32_t tail_selected, shared_count, few_count;
-  __shared__ uint64_t shared_keys[kShared], few_keys[kFew];
-  __shared__ float shared_values[kShared], few_values[kFew];
+  __shared__ uint64_t few_keys[kFew];
+  __shared__ float few_values[kFew];
+  static_assert(kBins0 - kBins1 >= kShared && kMaxSorted - kBins1 / 2 >= kShared, "the tail's candidates fit in pool");
+  float* const shared_values = reinterpret_cast<float*>(hist + kBins1);
+  uint64_t* const shared_keys = pool + kBins1;
   if (threadIdx.x == 0) {
+    state->ticket0 = 0;  // every block is past the barrier (they all reached ticket1)
     state->ticket1 = 0;
     tail_selected = min(__ldcg(&state->selected), static_cast<uint32_t>(kMaxSorted));
     shared_count = few_count = 0;
@@ -323,7 +360,7 @@ __global__ void __launch_bounds__(kFilterThreads, 2) filter_kernel(TopKParams p,
     }
   };
   if (!first.whole) {
-    Decision d = choose_bucket<kFilterThreads, kBins1, true>(state->hist1, candidates, first.remaining);
+    Decision d = choose_bucket<kSelectThreads, kBins1, true>(state->hist1, candidates, first.remaining);
     uint64_t prefix = (static_cast<uint64_t>(first.bucket) << (kShift0 - kShift1)) | d.bucket;
     int fixed = kFixed1;
     bool in_shared = false;
@@ -355,15 +392,15 @@ __global__ void __launch_bounds__(kFilterThreads, 2) filter_kernel(TopKParams p,
         count = min(shared_count, static_cast<uint32_t>(kShared));
       }
       const int bits = tail_bits(fixed), shift = 64 - fixed - bits;
-      for (int b = threadIdx.x; b < (1 << bits); b += kFilterThreads) hist[b] = 0;
+      for (int b = threadIdx.x; b < (1 << bits); b += kSelectThreads) hist[b] = 0;
       __syncthreads();
       scan([&](uint64_t key, float, bool live) {
         const bool tie = live && (key >> (64 - fixed)) == prefix;
         warp_histogram_add(hist, static_cast<uint32_t>(key >> shift) & ((1u << bits) - 1u), tie);
       });
       __syncthreads();
-      d = bits == 11 ? choose_bucket<kFilterThreads, 2048, false>(hist, d.count, d.remaining)
-                     : choose_bucket<kFilterThreads, 1024, false>(hist, d.count, d.remaining);
+      d = bits == 11 ? choose_bucket<kSelectThreads, 2048, false>(hist, d.count, d.remaining)
+                     : choose_bucket<kSelectThreads, 1024, false>(hist, d.count, d.remaining);
       prefix = (prefix << bits) | d.bucket;
       fixed += bits;
     }
@@ -389,19 +426,59 @@ __global__ void __launch_bounds__(kFilterThreads, 2) filter_kernel(TopKParams p,
     }
   }
   __syncthreads();
-  // Zero the state for the next call (kernel 1 of this call is done, and so is every other
-  // block of this kernel).
-  for (int b = threadIdx.x; b < kBins0; b += kFilterThreads) state->hist0[b] = 0;
-  for (int b = threadIdx.x; b < kBins1; b += kFilterThreads) state->hist1[b] = 0;
+  // Zero the state for the next call (every other block of this kernel is done with it).
+  for (int b = threadIdx.x; b < kBins0; b += kSelectThreads) state->hist0[b] = 0;
+  for (int b = threadIdx.x; b < kBins1; b += kSelectThreads) state->hist1[b] = 0;
   if (threadIdx.x == 0) {
     state->valid = 0;
     state->selected = 0;
     state->candidates = 0;
     state->result = min(tail_selected, static_cast<uint32_t>(kMaxSorted));
   }
+  if (!rank_here) return;
+  __syncthreads();  // the tail's selections are stored (and pool is free)
+  if (threadIdx.x == 0) {
+    __threadfence();
+    atomicAdd(&state->epoch, 1u);  // release: the other blocks rank now
+  }
+  } else if (threadIdx.x == 0) {  // wait for the tail block
+    uint32_t seen = epoch;
+    do {
+      asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(seen) : "l"(&state->epoch) : "memory");
+    } while (seen == epoch);
+    __threadfence();
+  }
+  __syncthreads();
+
+  // Rank (every block): padding, and the rank order of the selected keys (unique: the key of
+  // rank r has exactly r larger keys); block b ranks a contiguous share, one key per warp at a
+  // time, its lanes counting the larger keys over a stride of the keys in shared memory.
+  const uint32_t selected = min(__ldcg(&state->result), static_cast<uint32_t>(kMaxSorted));
+  for (int64_t j = selected + static_cast<int64_t>(blockIdx.x) * kSelectThreads + threadIdx.x; j < p.k;
+       j += static_cast<int64_t>(gridDim.x) * kSelectThreads) {
+    p.out_values[j] = neg_inf();
+    p.out_tokens[j] = -1;
+  }
+  const uint32_t share = (selected + gridDim.x - 1) / gridDim.x, lo = blockIdx.x * share;
+  if (lo >= selected) return;
+  const uint32_t hi = min(lo + share, selected), lane = threadIdx.x % 32;
+#pragma unroll 4
+  for (uint32_t j = threadIdx.x; j < selected; j += kSelectThreads) pool[j] = __ldcg(lists.selected_keys + j);
+  __syncthreads();
+  for (uint32_t q = lo + threadIdx.x / 32; q < hi; q += kSelectThreads / 32) {  // uniform per warp
+    const uint64_t mine = pool[q];
+    const float value = __ldcg(lists.selected_values + q);
+    uint32_t above = 0;
+    for (uint32_t j = lane; j < selected; j += 32) above += pool[j] > mine;
+    above = __reduce_add_sync(0xffffffffu, above);
+    if (lane == 0 && above < p.k) {
+      p.out_values[above] = value;
+      p.out_tokens[above] = token_of(mine);
+    }
+  }
 }
 
-// Kernel 3: padding, and the rank order of the selected keys: warp w of block b ranks keys
+// Split mode's second launch: padding, and the rank order of the selected keys: warp w of block b ranks keys
 // b * kRankKeys + w * kRankKeysPerWarp + q, its lanes counting the larger keys in a stride.
 __global__ void __launch_bounds__(kRankThreads) rank_kernel(TopKParams p, const State* state, Lists lists) {
   __shared__ uint64_t keys[kMaxSorted];

@@ -632,11 +632,18 @@ std::vector<TopKCase> top_k_cases(const std::vector<size_t>& sizes, bool all_kin
 // A few of the cases above, small enough for the sanitizers (bench/run_device_bench.sh runs
 // '*TopKCorner*' under memcheck and racecheck): the shared-memory path (1500), the global one
 // (70001), the warp's ties (k = 1, 33), a queued call (no out_count, no synchronisation).
+// Both launch modes: the rank inside the select launch (default) and split off
+// (UNS_TOPK_SPLIT_RANK, bench_kernels' breakdown), alternating on one workspace.
 TEST_F(CudaBackendTest, TopKCornerCandidatePaths) {
-  for (const TopKCase& cs : top_k_cases({1500, 70001}, false)) {
-    auto dv = upload(cs.values), dt = upload(cs.tokens);
-    for (int64_t k : {int64_t{1}, int64_t{33}}) expect_top_k_like_cpu(*gpu, *cpu, dv, dt, cs.values, cs.tokens, k, false, cs.what);
-    expect_top_k_like_cpu(*gpu, *cpu, dv, dt, cs.values, cs.tokens, 2048, true, cs.what);
+  for (const bool split : {false, true}) {
+    if (split) setenv("UNS_TOPK_SPLIT_RANK", "1", 1);
+    for (const TopKCase& cs : top_k_cases({1500, 70001}, false)) {
+      auto dv = upload(cs.values), dt = upload(cs.tokens);
+      const std::string what = cs.what + (split ? " split rank" : "");
+      for (int64_t k : {int64_t{1}, int64_t{33}}) expect_top_k_like_cpu(*gpu, *cpu, dv, dt, cs.values, cs.tokens, k, false, what);
+      expect_top_k_like_cpu(*gpu, *cpu, dv, dt, cs.values, cs.tokens, 2048, true, what);
+    }
+    unsetenv("UNS_TOPK_SPLIT_RANK");
   }
 }
 
