@@ -115,8 +115,8 @@ GenerateCommandResult run_generate_command(const GenerateCommandOptions& o) {
       CudaModel cuda_model(model, device, CudaModel::default_weight_dtype(config));
       auto backend = make_cuda_backend(device);
       UNS_CHECK_KIND(kUnsupported, backend->supports(Op::kAttend, options.kv_dtype, config.head_dim),
-                     "--backend cuda: the CUDA attention kernels do not take head dim {} (model '{}'; they take 32, 64, 96, 128 "
-                   "and 256); use --backend cpu",
+                     "--backend cuda: the CUDA attention kernels do not take head dim {} (model '{}'; they take 32, 64, "
+                     "96, 128 and 256); use --backend cpu",
                      config.head_dim, o.model_dir);
       ContextAttention context(*backend, comm, options);
       return generate(cuda_model, context, tokenizer.get(), out.prompt, gen);
