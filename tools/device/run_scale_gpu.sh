@@ -189,7 +189,12 @@ record INFO capacity "free ${free_mib} MiB, weights $((weight_bytes >> 20)) MiB,
 # ---- the service ----
 api_key=$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')
 export UNSHACKLE_API_KEY=$api_key
-auth=(-H "Authorization: Bearer $api_key")
+# HTTP through tools/device/http_request.py (the GPU machine may have no curl); at most SECONDS in all.
+http() {
+  local limit=$1
+  shift
+  timeout "$limit" python3 tools/device/http_request.py --timeout "$limit" "$@"
+}
 # One job at a time holds the GPU's KV: the larger of the two runs.
 capacity=$(( (tokens > full_tokens ? tokens : full_tokens) + decode + 64))
 "$coordinator_bin" --port 0 --worker-port 0 --port-file "$work/ports.json" --max-body-bytes 268435456 \
@@ -210,8 +215,9 @@ mpirun "${mpirun_flags[@]}" "$worker_bin" --model "$model" \
 worker_pid=$!
 started+=("$worker_pid")
 ready=0
-for _ in $(seq 1 $(($(budget 300) * 2))); do
-  if curl -fsS -o /dev/null --max-time 2 "${auth[@]}" "$url/ready" 2>/dev/null; then ready=1; break; fi
+ready_by=$(($(date +%s) + $(budget 300)))
+while [ "$(date +%s)" -lt "$ready_by" ]; do
+  if http 2 "$url/ready" >/dev/null 2>&1; then ready=1; break; fi
   kill -0 "$worker_pid" 2>/dev/null || break
   sleep 0.5
 done
@@ -232,12 +238,11 @@ print(json.dumps({"prompt": [rng.randrange(low, vocab) for _ in range(n)], "max_
                   "temperature": 0, "attention": attention}))
 EOF
   t0=$(date +%s)
-  job=$(curl -sS --max-time 120 "${auth[@]}" -H "Content-Type: application/json" \
-    --data-binary "@$work/$name.request.json" "$url/v1/jobs" | tee "$logs/${name}_job_create.json" |
+  job=$(http 120 "$url/v1/jobs" --data "$work/$name.request.json" | tee "$logs/${name}_job_create.json" |
     python3 -c 'import json,sys; print(json.load(sys.stdin).get("id", ""))' 2>/dev/null)
   [ -n "$job" ] || { record FAIL "job_$name" "POST /v1/jobs: $(head -c 300 "$logs/${name}_job_create.json")"; return 1; }
   while [ "$(elapsed)" -lt "$deadline_s" ]; do
-    curl -sS --max-time 10 "${auth[@]}" "$url/v1/jobs/$job" >"$work/$name.result.json" 2>/dev/null
+    http 10 "$url/v1/jobs/$job" >"$work/$name.result.json" 2>/dev/null
     status=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1])).get("status", ""))' "$work/$name.result.json" 2>/dev/null)
     if [ "$status" = decode ] && [ "$seen_decode" = 0 ]; then
       seen_decode=1
@@ -274,5 +279,5 @@ run_job esa "$tokens" '{"mode":"esa"}'
 if [ "$full_tokens" -gt 0 ]; then
   run_job full "$full_tokens" '{"mode":"full"}'
 fi
-curl -fsS --max-time 10 "${auth[@]}" "$url/metrics" >"$logs/metrics.txt" 2>/dev/null
+http 10 "$url/metrics" >"$logs/metrics.txt" 2>/dev/null
 [ "$failed" = 0 ]

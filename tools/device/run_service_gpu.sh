@@ -166,7 +166,13 @@ cp "$work/question.txt" "$work/answer.txt" "$logs/"
 expected_code=$(tr -d ' .\n' <"$work/answer.txt")
 api_key=$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')
 export UNSHACKLE_API_KEY=$api_key
-auth=(-H "Authorization: Bearer $api_key")
+# HTTP through tools/device/http_request.py (Python's urllib: the GPU machine may have no curl), the
+# key from UNSHACKLE_API_KEY; http SECONDS URL [its options]: at most SECONDS in all.
+http() {
+  local limit=$1
+  shift
+  timeout "$limit" python3 tools/device/http_request.py --timeout "$limit" "$@"
+}
 
 # JSON body of a completion over prompt.txt: greedy, max_tokens, stream or not.
 completion_body() {
@@ -208,8 +214,9 @@ start_group() {  # start_group LABEL BACKEND RANKS
   group_pids=("$worker_pid" "$coordinator_pid")
   local base=http://127.0.0.1:$http_port limit
   limit=$(budget 180)
-  for _ in $(seq 1 $((limit * 5))); do
-    curl -fsS -o /dev/null --max-time 2 "${auth[@]}" "$base/ready" 2>/dev/null && { url=$base; break; }
+  local ready_by=$(($(date +%s) + limit))
+  while [ "$(date +%s)" -lt "$ready_by" ]; do
+    http 2 "$base/ready" >/dev/null 2>&1 && { url=$base; break; }
     if ! kill -0 "$worker_pid" 2>/dev/null; then
       record FAIL "ready_$label" "the worker group exited before it was ready: $(tail -n 2 "$logs/worker_$label.log" | tr '\n' ' ')"
       return 1
@@ -266,10 +273,8 @@ complete() {  # complete LABEL NAME STREAM(0|1)
   local label=$1 name=$2 stream=$3 status t0
   t0=$(date +%s)
   completion_body "$stream" >"$work/body_$stream.json"
-  local curl_flags=(-sS --max-time "$(budget 240)" "${auth[@]}" -H "Content-Type: application/json"
-                    --data-binary "@$work/body_$stream.json" -o "$logs/${label}_$name.response" -w '%{http_code}')
-  [ "$stream" = 1 ] && curl_flags+=(-N)
-  status=$(curl "${curl_flags[@]}" "$url/v1/completions")
+  status=$(http "$(budget 240)" "$url/v1/completions" --data "$work/body_$stream.json" \
+    --out "$logs/${label}_$name.response" 2>"$logs/${label}_$name.http_error")
   python3 - "$logs/${label}_$name.response" "$stream" "$work/${label}_$name.text" "$work/${label}_$name.result.json" <<'EOF'
 import json, sys
 raw, stream, text_path, result_path = sys.argv[1], sys.argv[2] == "1", sys.argv[3], sys.argv[4]
@@ -309,7 +314,7 @@ if result["text"] is not None:
     open(text_path, "w", encoding="utf-8").write(result["text"])
 EOF
   if [ "$status" != 200 ] || [ ! -f "$work/${label}_$name.text" ]; then
-    record FAIL "${name}_$label" "HTTP $status: $(head -c 300 "$logs/${label}_$name.response" | tr '\n' ' ')"
+    record FAIL "${name}_$label" "HTTP ${status:-none}: $(head -c 300 "$logs/${label}_$name.response" 2>/dev/null | tr '\n' ' ')$(head -c 200 "$logs/${label}_$name.http_error" | tr '\n' ' ')"
     return 1
   fi
   record PASS "${name}_$label" "HTTP 200, '$(show "$work/${label}_$name.text")' ($(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["finish_reason"])' "$work/${label}_$name.result.json"), $(($(date +%s) - t0)) s)"
@@ -353,7 +358,7 @@ same_text() {  # same_text NAME FILE_A FILE_B WHAT
 
 scrape_metrics() {  # scrape_metrics LABEL
   local label=$1
-  if ! curl -fsS --max-time 10 "${auth[@]}" "$url/metrics" >"$work/metrics_$label.txt"; then
+  if ! http 10 "$url/metrics" >"$work/metrics_$label.txt"; then
     record FAIL "metrics_$label" "GET /metrics failed"
     return 1
   fi
@@ -369,7 +374,7 @@ scrape_metrics() {  # scrape_metrics LABEL
   else
     record FAIL "metrics_$label" "missing: ${missing[*]:-none}; prompt tokens $prompt_tokens"
   fi
-  curl -fsS --max-time 10 "${auth[@]}" "$url/v1/jobs?limit=20" >"$work/jobs_$label.result.json" 2>/dev/null || true
+  http 10 "$url/v1/jobs?limit=20" >"$work/jobs_$label.result.json" 2>/dev/null || true
   cp "$work/jobs_$label.result.json" "$logs/" 2>/dev/null
   # The service's own timings of its longest-prompt job (a whole-prompt completion).
   local timings
