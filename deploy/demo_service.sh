@@ -92,16 +92,16 @@ worker_flags=()
 if [ "$gpus" -gt 0 ]; then
   ranks=${ranks:-$gpus}
   # grep reads all of --help (no -q): an early exit would fail the pipe under pipefail.
-  # The CUDA attention kernels take head dim 64 or 128 (Llama/Mistral/Qwen2 sizes); smaller
-  # models (needle-llama's 32) are served on the CPU ranks.
+  # The CUDA attention kernels take head dim 32 (needle-llama), 64, 96, 128 or 256 (as the
+  # backend's supports() says); a model with another head dim is served on the CPU ranks.
   head_dim=$(python3 -c 'import json,sys; c=json.load(open(sys.argv[1])); print(c.get("head_dim") or c["hidden_size"]//c["num_attention_heads"])' "$model/config.json" 2>/dev/null || echo 0)
   if ! "$worker_bin" --help | grep -- '--backend.*cuda' >/dev/null; then
     placement="$ranks ranks, one per GPU, computing on the CPU (this worker serves models with --backend cpu only)"
-  elif [ "$head_dim" = 64 ] || [ "$head_dim" = 128 ]; then
+  elif [[ " 32 64 96 128 256 " == *" $head_dim "* ]]; then
     worker_flags+=(--backend cuda)
-    placement="$ranks ranks on $gpus GPU(s)"
+    placement="$ranks ranks on $gpus GPU(s) (--backend cuda, KV in bf16)"
   else
-    placement="$ranks ranks, one per GPU, computing on the CPU (head dim $head_dim: the CUDA kernels take 64 or 128)"
+    placement="$ranks ranks, one per GPU, computing on the CPU (head dim $head_dim: the CUDA kernels take 32, 64, 96, 128 or 256)"
   fi
 else
   ranks=${ranks:-2}

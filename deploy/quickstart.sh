@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The first command of a new user. On a fresh Debian 12 machine: installs what is needed
 # (apt, idempotent), builds, starts a coordinator and a worker group on this machine (one rank
-# per GPU when there are GPUs, else CPU ranks), submits the demo long-context job (a haystack
-# with facts planted in it, then a question) through the public API with a progress display,
-# prints the answer, the timings and where the metrics are, and shuts everything down.
+# per GPU computing on it with --backend cuda when there are GPUs, else CPU ranks), submits the
+# demo long-context job (a haystack with facts planted in it, then a question) through the
+# public API with a progress display, prints the answer, the timings and where the metrics
+# are, and shuts everything down.
 # No GPU needed. The service part is deploy/demo_service.sh (ctest runs it too).
 #   ./deploy/quickstart.sh [--keep-running] [--ranks N] [--tokens N] [--port P] [--model DIR]
 #   ./deploy/quickstart.sh --stop          # ends a service left up by --keep-running

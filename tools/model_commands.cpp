@@ -68,6 +68,7 @@ GenerateCommandResult run_generate_command(const GenerateCommandOptions& o) {
   UNS_CHECK(sources == 1, "give exactly one of --prompt, --prompt-file and --prompt-ids");
   UNS_CHECK(o.ranks >= 1, "--ranks: must be >= 1 (got {})", o.ranks);
   UNS_CHECK(o.backend == "cpu" || o.backend == "cuda", "--backend: cpu or cuda (got '{}')", o.backend);
+  const DType kv_dtype = resolve_kv_dtype(o.kv_dtype, o.backend);
   if (o.attention.needs_compression() && o.compression.empty()) {
     fail(ErrorKind::kInvalidArgument,
          fmt::format("--mode {} scores with compressed queries and keys and needs --compression FILE (SPEC §6: "
@@ -104,6 +105,7 @@ GenerateCommandResult run_generate_command(const GenerateCommandOptions& o) {
 
   ContextAttentionOptions options = attention_options;
   options.kv_block = o.kv_block;
+  options.kv_dtype = kv_dtype;
   // One rank: its backend, its context; on the GPU its own copy of the weights on device
   // `device_index` % devices (hidden states are replicated, SPEC §7).
   const auto run_rank = [&](Communicator& comm, int device_index) {
@@ -113,7 +115,8 @@ GenerateCommandResult run_generate_command(const GenerateCommandOptions& o) {
       CudaModel cuda_model(model, device, CudaModel::default_weight_dtype(config));
       auto backend = make_cuda_backend(device);
       UNS_CHECK_KIND(kUnsupported, backend->supports(Op::kAttend, options.kv_dtype, config.head_dim),
-                     "--backend cuda: the CUDA attention kernels do not take head dim {} (model '{}'); use --backend cpu",
+                     "--backend cuda: the CUDA attention kernels do not take head dim {} (model '{}'; they take 32, 64, "
+                     "96, 128 and 256); use --backend cpu",
                      config.head_dim, o.model_dir);
       ContextAttention context(*backend, comm, options);
       return generate(cuda_model, context, tokenizer.get(), out.prompt, gen);
@@ -184,6 +187,7 @@ void add_model_commands(CLI::App& app) {
   gen->add_option("--ranks", g->ranks, "in-process ranks (attention sharded, hidden states replicated)");
   gen->add_option("--kv-block", g->kv_block, "tokens per KV placement block across ranks");
   gen->add_option("--backend", g->backend, "cpu or cuda (weights on the GPU, cuBLAS, CUDA attention kernels)");
+  gen->add_option("--kv-dtype", g->kv_dtype, "K, V and k' storage: auto (bf16 with --backend cuda, f32 with cpu), bf16 or f32");
   gen->add_flag("--json", g->json, "print {prompt_tokens, tokens, text, finish_reason} as JSON");
   gen->add_option("--logits-out", g->logits_out, "write prompt and step logits to this safetensors file");
   gen->callback([g, mode] {

@@ -21,6 +21,7 @@ struct GenerateCommandOptions {
   bool ignore_eos = false;                      // do not stop at the model's eos ids
   int ranks = 1;                                // in-process ranks (run_local_ranks); under mpirun the MPI world
   std::string backend = "cpu";                  // cpu or cuda (rank r on device r % devices)
+  std::string kv_dtype = "auto";                // K, V, k' storage: auto (bf16 on cuda, f32 on cpu), bf16, f32
   int64_t kv_block = 256;                       // SPEC §7 placement block
   bool json = false;                            // print a JSON object instead of the text
   std::string logits_out;                       // safetensors: prompt, tokens, prompt_logits, step_logits

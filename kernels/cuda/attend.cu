@@ -69,14 +69,26 @@ bool dispatch_group(const AttendParams& p, Workspace& workspace, cudaStream_t st
   }
 }
 
+// The fast kernel's head dims: a row's lanes (d / elements per 16 bytes) must be a power of
+// two within a warp, so f32 d = 256 (64 lanes) and d = 96 (12 or 24 lanes) stay generic.
 bool try_fast(const AttendParams& p, Workspace& workspace, cudaStream_t stream) {
   if (reinterpret_cast<uintptr_t>(p.k) % 16 != 0 || reinterpret_cast<uintptr_t>(p.v) % 16 != 0) return false;
   if (p.kv_dtype == DType::kBF16) {
-    if (p.d == 64) return dispatch_group<__nv_bfloat16, 64>(p, workspace, stream);
-    if (p.d == 128) return dispatch_group<__nv_bfloat16, 128>(p, workspace, stream);
-  } else if (p.kv_dtype == DType::kF32) {
-    if (p.d == 64) return dispatch_group<float, 64>(p, workspace, stream);
-    if (p.d == 128) return dispatch_group<float, 128>(p, workspace, stream);
+    switch (p.d) {
+      case 32: return dispatch_group<__nv_bfloat16, 32>(p, workspace, stream);
+      case 64: return dispatch_group<__nv_bfloat16, 64>(p, workspace, stream);
+      case 128: return dispatch_group<__nv_bfloat16, 128>(p, workspace, stream);
+      case 256: return dispatch_group<__nv_bfloat16, 256>(p, workspace, stream);
+      default: return false;
+    }
+  }
+  if (p.kv_dtype == DType::kF32) {
+    switch (p.d) {
+      case 32: return dispatch_group<float, 32>(p, workspace, stream);
+      case 64: return dispatch_group<float, 64>(p, workspace, stream);
+      case 128: return dispatch_group<float, 128>(p, workspace, stream);
+      default: return false;
+    }
   }
   return false;
 }
@@ -142,6 +154,7 @@ bool try_mma(const AttendParams& p, Workspace& workspace, cudaStream_t stream) {
 
 template <int D>
 void run_generic(const AttendParams& p, Workspace& workspace, cudaStream_t stream) {
+  static_assert(D % 32 == 0, "the generic kernel gives each lane D / 32 output columns");
   const int splits = split_count(p, 16, 2 * attend::kTile);
   const int64_t rows_per_split = std::max<int64_t>(1, (p.n + splits - 1) / splits);
   const size_t rows = static_cast<size_t>(p.l_C) * p.H;
@@ -156,17 +169,26 @@ void run_generic(const AttendParams& p, Workspace& workspace, cudaStream_t strea
   UNS_CUDA_CHECK_LAUNCH();
 }
 
+// The head dims launch_attend takes (CudaBackend::supports lists the same).
+bool attend_head_dim_supported(int d) { return d == 32 || d == 64 || d == 96 || d == 128 || d == 256; }
+
 }  // namespace
 
 void launch_attend(const AttendParams& p, Workspace& workspace, cudaStream_t stream) {
   p.check();
   UNS_CUDA_REQUIRE(kInvalidArgument, p.l_C <= 65535 && p.G <= 65535, "attend: chunk of " + std::to_string(p.l_C) + " exceeds one launch");
-  UNS_CUDA_REQUIRE(kUnsupported, p.d == 64 || p.d == 128, "attend: head dim " + std::to_string(p.d) + " unsupported on CUDA (64, 128)");
+  UNS_CUDA_REQUIRE(kUnsupported, attend_head_dim_supported(p.d),
+                   "attend: head dim " + std::to_string(p.d) + " unsupported on CUDA (32, 64, 96, 128 or 256)");
   if (try_mma(p, workspace, stream) || try_fast(p, workspace, stream)) return;
   UNS_CUDA_REQUIRE(kUnsupported, (p.H / p.G) <= attend::kMaxGroup,
                    "attend: at most 16 query heads per KV head on CUDA (got " + std::to_string(p.H / p.G) + ")");
-  if (p.d == 64) run_generic<64>(p, workspace, stream);
-  else run_generic<128>(p, workspace, stream);
+  switch (p.d) {
+    case 32: return run_generic<32>(p, workspace, stream);
+    case 64: return run_generic<64>(p, workspace, stream);
+    case 96: return run_generic<96>(p, workspace, stream);
+    case 128: return run_generic<128>(p, workspace, stream);
+    default: return run_generic<256>(p, workspace, stream);
+  }
 }
 
 }  // namespace unshackle::cuda

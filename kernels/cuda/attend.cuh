@@ -5,10 +5,12 @@
 //
 // A rows entry < 0 is no row: both paths skip it (it contributes nothing; params.h).
 //
-// Fast path (head dim 64/128, group of 1/2/4/8 heads, 16-byte aligned rows): a "worker" of
-// L = d / (16 / sizeof(T)) lanes owns one row at a time and reads it with one 16-byte load
-// per lane (bf16 d = 128: 16 lanes, 8 elements each), so a 128-thread CTA has 128 / L
-// workers on consecutive rows. Each worker keeps its own online softmax (m, l, acc) per head
+// Fast path (head dim 32/64/128, and 256 in bf16; group of 1/2/4/8 heads, 16-byte aligned
+// rows): a "worker" of L = d / (16 / sizeof(T)) lanes owns one row at a time and reads it
+// with one 16-byte load per lane (bf16 d = 128: 16 lanes, 8 elements each), so a 128-thread
+// CTA has 128 / L workers on consecutive rows. L must be a power of two within one warp
+// (the shuffles below): 4..32, so f32 d = 256 (L = 64) and d = 96 (L = 12 or 24) take the
+// generic path. Each worker keeps its own online softmax (m, l, acc) per head
 // in registers, with the next rows' K/V already loaded while the current ones are used;
 // workers are combined through shared memory at the end. RoPE's rotate-half partner of a
 // lane's elements sits L/2 lanes away (one shuffle). Angles: position * inv_freq reduced in
@@ -25,7 +27,8 @@ constexpr int kThreads = 128;
 template <typename T, int D, int GH>
 struct Shape {
   static constexpr int kElems = 16 / static_cast<int>(sizeof(T));
-  static constexpr int kLanes = D / kElems;               // lanes per row (8..32)
+  static constexpr int kLanes = D / kElems;               // lanes per row (4..32)
+  static_assert(kLanes >= 2 && kLanes <= 32 && (kLanes & (kLanes - 1)) == 0, "a row's lanes: a power of two in a warp");
   static constexpr int kWorkers = kThreads / kLanes;
   static constexpr int kRows = GH >= 8 ? 1 : 2;           // rows per worker per step (plus the prefetched step)
   static constexpr int kRowsPerStep = kWorkers * kRows;
@@ -219,12 +222,17 @@ __global__ void __launch_bounds__(kThreads, 4) attend_rows_kernel(AttendParams p
   }
 }
 
-// ---- generic path: any group up to 16, any alignment (32-row tiles through shared memory) ----
+// ---- generic path: head dim a multiple of 32 up to 256, any group up to 16, any alignment
+// (tiles of up to 32 rows through shared memory) ----
 
 constexpr int kTile = 32;
 constexpr int kMaxGroup = 16;
+// Rows per tile for head dim D: keys and values of a tile plus the group's queries stay in
+// the 48 KB of static shared memory (D = 256: 32 rows would take 82 KB, 8 rows take 33 KB).
+constexpr int generic_tile(int D) { return D <= 128 ? kTile : 8; }
 
-template <int D>
+// kTile here is the tile of this D (it shadows the namespace's 32).
+template <int D, int kTile = generic_tile(D)>
 __global__ void generic_attend_kernel(AttendParams p, int64_t rows_per_split, int splits, float* part_o, float* part_lse) {
   __shared__ float keys[kTile][D + 1];  // +1: lanes reading different rows hit different banks
   __shared__ float values[kTile][D + 1];

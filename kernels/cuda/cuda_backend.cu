@@ -113,7 +113,8 @@ class CudaBackend final : public Backend {
   bool supports(Op op, DType dtype, int dim) const override {
     if (dtype != DType::kF32 && dtype != DType::kBF16 && dtype != DType::kF16) return false;
     switch (op) {
-      case Op::kAttend: return dim == 64 || dim == 128;
+      // launch_attend's head dims (attend.cu): fast path 32/64/128 (and 256 in bf16), the rest generic.
+      case Op::kAttend: return dim == 32 || dim == 64 || dim == 96 || dim == 128 || dim == 256;
       default: return dim > 0;
     }
   }

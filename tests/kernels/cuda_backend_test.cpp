@@ -17,6 +17,7 @@
 
 #include "test_data.h"
 #include "tolerance.h"
+#include "unshackle/common/check.h"
 #include "unshackle/kernels/attention_config.h"
 #include "unshackle/kernels/backend.h"
 
@@ -1006,6 +1007,105 @@ TEST_F(CudaBackendTest, ChunkAttendSkipsNegativeRows) {
     gpu->attend(g);
     for (float x : download<float>(dout2, want_o.size())) ASSERT_EQ(x, 0.0f);
     for (float x : download<float>(dlse2, outs)) ASSERT_EQ(x, -INFINITY);
+  }
+}
+
+// Head dims beyond 64/128: 32 (needle-llama; fast path in f32 and bf16), 96 (generic only)
+// and 256 (fast path in bf16, generic in f32), every GQA group the fast path instantiates
+// (1, 2, 4, 8) and the generic one (16), rows lists and contiguous rows, a key/value pointer
+// one element off 16-byte alignment (the generic path for every d), both position schemes,
+// F32 and BF16 storage, each against the CPU backend on identical values.
+TEST_F(CudaBackendTest, AttendHeadDims32_96_256) {
+  struct Case { int d; int H; int G; int64_t n; int l_C; bool rows; bool misaligned; };
+  const Case cases[] = {{32, 8, 4, 1000, 1, true, false},   {32, 8, 8, 97, 3, false, false},
+                        {32, 32, 4, 4099, 2, true, false},  {32, 16, 4, 513, 1, false, false},
+                        {32, 32, 2, 300, 2, true, false},   {32, 8, 4, 777, 2, true, true},
+                        {96, 8, 4, 1000, 1, true, false},   {96, 16, 2, 4099, 2, false, false},
+                        {96, 16, 1, 97, 1, true, false},    {256, 8, 8, 1000, 1, true, false},
+                        {256, 16, 8, 3001, 2, false, false}, {256, 32, 8, 517, 3, true, false},
+                        {256, 64, 8, 300, 1, true, false},  {256, 32, 2, 200, 1, false, false},
+                        {256, 8, 2, 777, 2, true, true}};
+  for (const Case& cs : cases) {
+    for (DType dtype : {DType::kF32, DType::kBF16}) {
+      for (bool global : {false, true}) {
+        const int64_t store = cs.n + 31;
+        const size_t width = static_cast<size_t>(cs.G) * cs.d;
+        auto k = normal_vector(static_cast<size_t>(store) * width, 120 + static_cast<uint64_t>(cs.n));
+        auto v = normal_vector(static_cast<size_t>(store) * width, 121 + static_cast<uint64_t>(cs.n));
+        const auto kb = to_bf16(k), vb = to_bf16(v);
+        if (dtype == DType::kBF16)
+          for (size_t i = 0; i < k.size(); ++i) { k[i] = bf16_to_float(kb[i]); v[i] = bf16_to_float(vb[i]); }
+        const auto q = normal_vector(static_cast<size_t>(cs.l_C) * cs.H * cs.d, 122, 0.5f);
+        std::vector<int64_t> tokens(static_cast<size_t>(store));
+        std::iota(tokens.begin(), tokens.end(), 3000);
+        std::vector<int32_t> rows;
+        if (cs.rows)
+          for (int64_t i = 0; i < cs.n; ++i) rows.push_back(static_cast<int32_t>((i * 7919 + 3) % store));
+        const auto inv = rope_inv_freq(cs.d, 10000.0);
+        const size_t outs = static_cast<size_t>(cs.l_C) * cs.H;
+        std::vector<float> want_o(outs * cs.d), want_lse(outs);
+        const void* host_k = dtype == DType::kF32 ? static_cast<const void*>(k.data()) : kb.data();
+        const void* host_v = dtype == DType::kF32 ? static_cast<const void*>(v.data()) : vb.data();
+        AttendParams p{.q = q.data(), .q_token0 = 3000 + store - cs.l_C, .k = host_k, .v = host_v, .kv_dtype = dtype,
+                       .key_tokens = tokens.data(), .rows = cs.rows ? rows.data() : nullptr, .n = cs.n, .l_C = cs.l_C,
+                       .H = cs.H, .G = cs.G, .d = cs.d, .causal = !global,
+                       .positions = global ? PositionScheme::kGlobal : PositionScheme::kRelative, .origin = 2990,
+                       .query_position = 4096, .inv_freq = inv.data(),
+                       .scale = 1.0f / std::sqrt(static_cast<float>(cs.d)), .o = want_o.data(), .lse = want_lse.data()};
+        cpu->attend(p);
+        // Misaligned: K and V start one element into their buffers (no 16-byte rows: generic path).
+        const size_t bytes = k.size() * dtype_size(dtype), shift = cs.misaligned ? dtype_size(dtype) : 0;
+        std::vector<unsigned char> hk(bytes + shift, 0x5a), hv(bytes + shift, 0x5a);
+        std::memcpy(hk.data() + shift, host_k, bytes);
+        std::memcpy(hv.data() + shift, host_v, bytes);
+        auto dk = upload(hk), dv = upload(hv);
+        auto dq = upload(q), dtok = upload(tokens), drows = upload(rows), dinv = upload(inv);
+        auto dout = poisoned(want_o.size()), dlse = poisoned(want_lse.size());
+        AttendParams g = p;
+        g.q = dq.as<float>();
+        g.k = dk.as<unsigned char>() + shift;
+        g.v = dv.as<unsigned char>() + shift;
+        g.key_tokens = dtok.as<int64_t>();
+        g.rows = cs.rows ? drows.as<int32_t>() : nullptr;
+        g.inv_freq = dinv.as<float>();
+        g.o = dout.as<float>();
+        g.lse = dlse.as<float>();
+        ASSERT_TRUE(gpu->supports(Op::kAttend, dtype, cs.d)) << cs.d;
+        gpu->attend(g);
+        SCOPED_TRACE("d " + std::to_string(cs.d) + " H " + std::to_string(cs.H) + " G " + std::to_string(cs.G) + " n " +
+                     std::to_string(cs.n) + " l_C " + std::to_string(cs.l_C) + (cs.rows ? " rows" : "") +
+                     (cs.misaligned ? " misaligned " : " ") + std::string(dtype_name(dtype)) +
+                     (global ? " global" : " relative"));
+        const auto got_o = download<float>(dout, want_o.size()), got_lse = download<float>(dlse, want_lse.size());
+        EXPECT_LT(relative_error(got_o, want_o), tolerance::kF32) << testing::first_offenders(got_o, want_o, 1e-4);
+        EXPECT_LT(relative_error(got_lse, want_lse), tolerance::kF32);
+      }
+    }
+  }
+}
+
+// Head dims the kernels do not take are refused by supports() and by the launch, with the
+// list in the message (no silent wrong answer).
+TEST_F(CudaBackendTest, AttendOtherHeadDimsRefused) {
+  for (int d : {16, 48, 80, 160, 512}) {
+    EXPECT_FALSE(gpu->supports(Op::kAttend, DType::kBF16, d)) << d;
+    const int H = 4, G = 2;
+    const int64_t n = 8;
+    const auto q = normal_vector(static_cast<size_t>(H * d), 130), k = normal_vector(static_cast<size_t>(n * G * d), 131);
+    std::vector<int64_t> tokens(static_cast<size_t>(n));
+    std::iota(tokens.begin(), tokens.end(), 0);
+    const auto inv = rope_inv_freq(d, 10000.0);
+    auto dq = upload(q), dk = upload(k), dtok = upload(tokens), dinv = upload(inv);
+    auto dout = poisoned(static_cast<size_t>(H * d)), dlse = poisoned(static_cast<size_t>(H));
+    try {
+      gpu->attend({.q = dq.as<float>(), .q_token0 = n, .k = dk.data(), .v = dk.data(), .key_tokens = dtok.as<int64_t>(),
+                   .n = n, .l_C = 1, .H = H, .G = G, .d = d, .causal = true, .origin = 0, .inv_freq = dinv.as<float>(),
+                   .scale = 0.1f, .o = dout.as<float>(), .lse = dlse.as<float>()});
+      ADD_FAILURE() << "head dim " << d << " was accepted";
+    } catch (const Error& e) {
+      EXPECT_EQ(e.kind(), ErrorKind::kUnsupported) << d;
+      EXPECT_NE(std::string(e.what()).find("32, 64, 96, 128 or 256"), std::string::npos) << e.what();
+    }
   }
 }
 

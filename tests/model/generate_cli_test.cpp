@@ -2,7 +2,8 @@
 // reads it. Seeded sampling is deterministic; --ranks P (2..4) and `mpirun -np 2/3` give the
 // tokens of one rank; esa without --compression exits 2 naming the flag; esa with top_k
 // >= |M| equals exact-topk (the selection is all of M whatever the compression scores);
-// --backend cuda refuses clearly where there is no GPU, and equals the CPU where there is.
+// --backend cuda refuses clearly where there is no GPU, and equals the CPU where there is;
+// --kv-dtype takes bf16 and f32 and refuses anything else.
 #include <gtest/gtest.h>
 #include <sys/wait.h>
 
@@ -186,7 +187,7 @@ TEST_F(GenerateCli, EsaSelectingAllOfMEqualsExactTopk) {
 
 TEST_F(GenerateCli, CudaBackendRefusesWithoutAGpuOrEqualsTheCpu) {
   const CommandRun cpu = unshackle(args("--backend cpu"));
-  const CommandRun cuda = unshackle(args("--backend cuda"));
+  const CommandRun cuda = unshackle(args("--backend cuda --kv-dtype f32"));
   const CommandRun bad = unshackle(args("--backend tpu"));
   EXPECT_EQ(bad.status, 2) << bad.output;
   EXPECT_NE(bad.output.find("--backend"), std::string::npos) << bad.output;
@@ -195,7 +196,35 @@ TEST_F(GenerateCli, CudaBackendRefusesWithoutAGpuOrEqualsTheCpu) {
     EXPECT_NE(cuda.output.find("--backend cuda"), std::string::npos) << cuda.output;
     GTEST_SKIP() << "no CUDA device: checked the clear refusal only";
   }
+  // f32 weights and KV: the CPU's tokens. The default bf16 KV runs too (its numerics against
+  // the CPU are model_cuda_test's: bf16 bounds and the near-tie rule).
   EXPECT_EQ(tokens_of(cuda), tokens_of(cpu));
+  EXPECT_EQ(tokens_of(unshackle(args("--backend cuda"))).size(), 12u);
+}
+
+// --kv-dtype: auto on the CPU is f32 (the same logits, bit for bit), bf16 storage runs on the
+// CPU too (the CPU backend reads it) and moves the logits by bf16 rounding only, and anything
+// else exits 2 naming the flag.
+TEST_F(GenerateCli, KvDtypeFlag) {
+  const auto logits = [&](const std::string& flags, const std::string& name) {
+    const std::string path = dir_->sub("kv_" + name + ".safetensors");
+    EXPECT_EQ(tokens_of(unshackle(args(flags + " --logits-out " + path))).size(), 12u) << flags;
+    return SafetensorsFile::open(path)->to_f32("prompt_logits");
+  };
+  const std::vector<float> f32 = logits("--kv-dtype f32", "f32"), automatic = logits("", "auto"),
+                           bf16 = logits("--kv-dtype bf16", "bf16");
+  EXPECT_EQ(automatic, f32) << "auto on the CPU is f32";
+  ASSERT_EQ(bf16.size(), f32.size());
+  EXPECT_NE(bf16, f32) << "bf16 storage should round K and V";
+  double num = 0, den = 0;
+  for (size_t i = 0; i < f32.size(); ++i) {
+    num += std::pow(static_cast<double>(bf16[i]) - f32[i], 2);
+    den += std::pow(static_cast<double>(f32[i]), 2);
+  }
+  EXPECT_LT(std::sqrt(num / den), tolerance::kBF16);
+  const CommandRun bad = unshackle(args("--kv-dtype f16"));
+  EXPECT_EQ(bad.status, 2) << bad.output;
+  EXPECT_NE(bad.output.find("--kv-dtype: auto, bf16 or f32 (got 'f16')"), std::string::npos) << bad.output;
 }
 
 }  // namespace

@@ -19,6 +19,7 @@ ModelEngine::ModelEngine(const ModelEngineOptions& options, Communicator& comm) 
   UNS_CHECK(options_.kv_block > 0, "--kv-block: must be > 0 (got {})", options_.kv_block);
   UNS_CHECK(options_.max_context_tokens >= 0, "--max-context-tokens: must be >= 0 (got {})", options_.max_context_tokens);
   UNS_CHECK(options_.kv_capacity_tokens >= 0, "--kv-capacity-tokens: must be >= 0 (got {})", options_.kv_capacity_tokens);
+  kv_dtype_ = resolve_kv_dtype(options_.kv_dtype, options_.backend);
   model_ = Model::load(options_.model_dir);
   tokenizer_ = load_tokenizer(options_.model_dir);
   const ModelConfig& c = model_->config();
@@ -31,8 +32,9 @@ ModelEngine::ModelEngine(const ModelEngineOptions& options, Communicator& comm) 
     const int device = options_.device_index % devices;
     cuda_model_ = std::make_unique<CudaModel>(model_, device, CudaModel::default_weight_dtype(c));
     backend_ = make_cuda_backend(device);
-    UNS_CHECK_KIND(kUnsupported, backend_->supports(Op::kAttend, DType::kF32, c.head_dim),
-                   "--backend cuda: the CUDA attention kernels do not take head dim {} (model '{}'); use --backend cpu",
+    UNS_CHECK_KIND(kUnsupported, backend_->supports(Op::kAttend, kv_dtype_, c.head_dim),
+                   "--backend cuda: the CUDA attention kernels do not take head dim {} (model '{}'; they take 32, 64, 96, 128 "
+                   "and 256); use --backend cpu",
                    c.head_dim, options_.model_dir);
   } else {
     backend_ = make_cpu_backend();
@@ -99,6 +101,7 @@ std::unique_ptr<ModelEngine::Context> ModelEngine::make_context(const AttentionC
   context->reserve = reserve_tokens;
   ContextAttentionOptions o = model_->attention_options(attention, have_compression_ ? &compression_ : nullptr, reserve_tokens);
   o.kv_block = options_.kv_block;
+  o.kv_dtype = kv_dtype_;
   o.max_tokens = reserve_tokens;
   o.record_selection = false;  // the metrics need |M_k| only: the decode step never reads M_k back
   context->kv = std::make_unique<ContextAttention>(*backend_, comm_, std::move(o));
@@ -229,6 +232,7 @@ void ModelEngine::health_step() {
   attention.l_L = 1;
   ContextAttentionOptions o = model_->attention_options(attention, nullptr, 1);
   o.kv_block = options_.kv_block;
+  o.kv_dtype = kv_dtype_;
   o.max_tokens = 1;
   ContextAttention kv(*backend_, comm_, std::move(o));
   const auto& bos = model_->config().bos_token_ids;

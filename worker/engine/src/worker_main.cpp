@@ -77,6 +77,10 @@ int main(int argc, char** argv) {
                  "compute backend: cpu, or cuda (rank r uses GPU (node-local rank) % visible GPUs)")
       ->capture_default_str()
       ->check(CLI::IsMember({"cpu", "cuda"}));
+  app.add_option("--kv-dtype", engine_options.kv_dtype,
+                 "storage of K, V and the scoring keys: auto (bf16 with --backend cuda, f32 with cpu), bf16 or f32")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"auto", "bf16", "f32"}));
   app.add_option("--compression", engine_options.compression, "ESA compression weights (needed for esa and block modes)");
   app.add_option("--kv-block", engine_options.kv_block, "tokens per KV placement block across ranks")->capture_default_str();
   app.add_option("--chunk", engine_options.chunk, "longest forward pass inside one prefill call")->capture_default_str();
@@ -148,10 +152,11 @@ int main(int argc, char** argv) {
       const ModelInfo info = engine->info();
       std::fprintf(stderr,
                    "unshackle-worker: group '%s', %d rank(s), model '%s' (%d layers, vocab %lld), max context %lld "
-                   "tokens, KV capacity %lld tokens\n",
+                   "tokens, KV capacity %lld tokens, backend %s, KV %s\n",
                    worker_options.group.c_str(), comm->size(), info.name.c_str(), info.layers,
                    static_cast<long long>(info.vocab_size), static_cast<long long>(info.max_context_tokens),
-                   static_cast<long long>(info.kv_capacity_tokens));
+                   static_cast<long long>(info.kv_capacity_tokens), engine_options.backend.c_str(),
+                   std::string(dtype_name(engine->kv_dtype())).c_str());
     }
     // systemd (Type=notify, deploy/systemd): READY=1 from rank 0 once every rank has loaded the
     // model. Loads may finish minutes apart, so this one barrier waits longer than a collective.

@@ -44,6 +44,7 @@ struct ModelEngineOptions {
   std::string backend = "cpu";      // "cpu" (Model, host memory) or "cuda" (CudaModel on device
                                     // device_index % visible devices, KV on that GPU)
   int device_index = 0;             // with "cuda": usually the rank's node-local index
+  std::string kv_dtype = "auto";    // K, V and k' storage: auto (bf16 on cuda, f32 on cpu), bf16 or f32
   // Measure where attention went (StepStats::share_*) on a context's first decode step and
   // every N-th after it; 0: never. A measured step costs one more small partial attention
   // per layer and, on a GPU, a wait for each layer step.
@@ -58,6 +59,7 @@ class ModelEngine final : public Engine {
   ~ModelEngine() override;
 
   ModelInfo info() const override { return info_; }
+  DType kv_dtype() const { return kv_dtype_; }  // the KV storage in use (--kv-dtype resolved)
   std::vector<int32_t> tokenize(std::string_view text) override;
   std::string detokenize(std::span<const int32_t> tokens) override;
   void create_context(ContextId id, const AttentionConfig& attention, int64_t reserve_tokens) override;
@@ -98,6 +100,7 @@ class ModelEngine final : public Engine {
   CompressionWeights compression_;
   bool have_compression_ = false;
   ModelInfo info_;
+  DType kv_dtype_ = DType::kF32;  // options_.kv_dtype resolved for the backend
   std::map<ContextId, std::unique_ptr<Context>> contexts_;
   int64_t reserved_ = 0;  // sum of the contexts' reservations
 

@@ -11,19 +11,34 @@
 // residual stream, norms, biases and GEMM accumulation are float32 (CUBLAS_COMPUTE_32F, no
 // TF32). With 16-bit weights a GEMM's input activations are rounded to the weight dtype, as
 // transformers does when it runs a bf16 model. q/k/v and the attention output are float32,
-// which ContextAttention takes.
+// which ContextAttention takes; the context stores K, V and the scoring keys k' in its
+// kv_dtype, bf16 by default on the GPU (resolve_kv_dtype): half the bytes of f32 per token,
+// read by the attention kernels as bf16 and accumulated in f32. Head dims: every one the CUDA
+// backend's attention takes (32, 64, 96, 128, 256); the model's own kernels have no limit.
 //
 // Not thread-safe (one set of scratch buffers): one CudaModel per rank, each on its device.
 #pragma once
 
 #include <memory>
 #include <span>
+#include <string_view>
 #include <vector>
 
+#include "unshackle/common/check.h"
 #include "unshackle/common/dtype.h"
 #include "unshackle/model/model.h"
 
 namespace unshackle {
+
+// The KV cache's storage dtype (K, V and k') for the flag --kv-dtype TEXT on `backend`:
+// "auto" is bf16 on "cuda" and f32 on "cpu" (the oracle path, and what CI runs); "bf16" and
+// "f32" as given, on either backend (the CPU backend reads bf16 storage too).
+inline DType resolve_kv_dtype(std::string_view text, std::string_view backend) {
+  if (text == "bf16") return DType::kBF16;
+  if (text == "f32") return DType::kF32;
+  UNS_CHECK(text == "auto", "--kv-dtype: auto, bf16 or f32 (got '{}')", text);
+  return backend == "cuda" ? DType::kBF16 : DType::kF32;
+}
 
 class CudaModel {
  public:
