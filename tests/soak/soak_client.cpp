@@ -222,10 +222,18 @@ class Soak {
     }
   }
 
+  // RSS of every process, with the requests served and refused so far (the load went on).
   void sample(const std::string& when) {
     json s = json::object();
     for (const auto& [name, pid] : pids_) s[name] = rss_kib(pid);
-    rss_.push_back(json{{"when", when}, {"t", start_ == Clock::time_point{} ? 0.0 : elapsed()}, {"rss_kib", s}});
+    int64_t served = 0, refused = 0;
+    {
+      std::lock_guard lock(stats_.mutex);
+      for (int k = 0; k < kKinds; ++k) served += stats_.served[k];
+      refused = stats_.rejected_429;
+    }
+    rss_.push_back(json{{"when", when}, {"t", start_ == Clock::time_point{} ? 0.0 : elapsed()}, {"rss_kib", s},
+                        {"served", served}, {"rejected_429", refused}});
   }
 
   // Distinct prompts (of different lengths) with a few max_tokens each; contexts of exactly two
@@ -380,8 +388,11 @@ class Soak {
   // checked); anything else is a failure.
   bool rejected(Kind kind, const HttpResult& r, bool overload_client, Stats& s) {
     if (r.status == 200) return false;
-    // Overload clients come back after 50 ms (sooner than Retry-After says: they are the overload).
-    if (overload_client && r.status == 429) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    // A client honours Retry-After; overload clients come back after 50 ms (they are the overload).
+    if (r.status == 429) {
+      const int after = std::atoi(r.header("Retry-After").c_str());
+      std::this_thread::sleep_for(overload_client ? std::chrono::milliseconds(50) : std::chrono::seconds(std::max(after, 1)));
+    }
     std::lock_guard lock(s.mutex);
     if (r.status == 429 && r.error_code() == "queue_full") {
       ++s.rejected_429;
