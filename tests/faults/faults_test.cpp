@@ -153,13 +153,14 @@ TEST_P(RankKilled, ClientGetsWorkerGroupLostAndARestartedGroupServes) {
     ASSERT_TRUE(error.is_object()) << e.result.body.substr(0, 2000);
     EXPECT_EQ(error["code"], "worker_group_lost") << error.dump();
     EXPECT_FALSE(stream_text(e.result.body).empty()) << "tokens before the fault were delivered";
-    saw = fmt::format("SSE error event `{}` after {} chars, then [DONE]", error["code"].get<std::string>(),
-                      stream_text(e.result.body).size());
+    saw = fmt::format("SSE error event `{}` (\"{}\") after {} chars, then [DONE]", error["code"].get<std::string>(),
+                      error["message"].get<std::string>(), stream_text(e.result.body).size());
   } else {
     EXPECT_EQ(e.result.status, 500) << e.result.body;
     EXPECT_EQ(e.result.error_code(), "worker_group_lost") << e.result.body;
     EXPECT_EQ(e.result.header("x-should-retry"), "false");
-    saw = fmt::format("{} `{}`", e.result.status, e.result.error_code());
+    saw = fmt::format("{} `{}` (\"{}\")", e.result.status, e.result.error_code(),
+                      e.result.json_body()["error"].value("message", ""));
   }
   // Detected by the kernel (the dead rank's sockets close) or at worst by the collective
   // timeout of the rank left waiting; both well inside it plus the heartbeat timeout.
@@ -225,7 +226,9 @@ TEST_P(RankHung, ClientGetsAnErrorWithinTheTimeoutAndTheOtherGroupServes) {
   // then ends the stopped one, so the launcher sees the group exit.
   const auto code = svc.group(hung).wait(30s);
   report(fmt::format("SIGSTOP rank {} during decode", rank),
-         fmt::format("SSE error event `{}`, then [DONE]", error["code"].get<std::string>()), seconds,
+         fmt::format("SSE error event `{}` (\"{}\"), then [DONE]", error["code"].get<std::string>(),
+                     error["message"].get<std::string>()),
+         seconds,
          fmt::format("group down ({}); other group served the next job; mpirun {}", causes,
                      code ? fmt::format("exited {}", *code) : std::string("still running after 30 s")));
   EXPECT_TRUE(code.has_value()) << "the hung group's mpirun did not exit within 30 s\n" << svc.group(hung).log_text();
