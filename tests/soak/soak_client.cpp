@@ -333,7 +333,8 @@ class Soak {
   }
 
   // Checks one answer's choices/usage (sync and job) against the oracle.
-  void check_completion(Kind kind, const Expected& e, const json& j, Stats& s) {
+  // True when the answer is right (and counted as served).
+  bool check_completion(Kind kind, const Expected& e, const json& j, Stats& s) {
     const json& choice = j["choices"][0];
     const std::string text = choice.value("text", "");
     if (text != e.text) {
@@ -344,7 +345,7 @@ class Soak {
       ++(other ? s.mixed_up : s.wrong);
       if (s.failures.size() < 20)
         s.failures.push_back(fmt::format("{} '{}': got {} want {}", kKindNames[kind], e.full, json(text).dump(), json(e.text).dump()));
-      return;
+      return false;
     }
     const json& u = j["usage"];
     if (u.value("prompt_tokens", size_t{0}) != e.prompt_tokens || u.value("completion_tokens", size_t{0}) != e.completion_tokens ||
@@ -353,13 +354,14 @@ class Soak {
                          choice.value("finish_reason", ""), e.prompt_tokens, e.completion_tokens, e.finish_reason));
       std::lock_guard lock(s.mutex);
       ++s.wrong;
-      return;
+      return false;
     }
     std::lock_guard lock(s.mutex);
     ++s.served[kind];
+    return true;
   }
 
-  void check_stream(Kind kind, const Expected& e, const HttpResult& r, Stats& s) {
+  bool check_stream(Kind kind, const Expected& e, const HttpResult& r, Stats& s) {
     const auto events = live::parse_sse(r.body);
     std::string text, finish;
     bool error = false;
@@ -377,11 +379,11 @@ class Soak {
       s.fail(fmt::format("{} '{}': stream without [DONE] or with an error: {}", kKindNames[kind], e.full, r.body.substr(0, 300)));
       std::lock_guard lock(s.mutex);
       ++s.lost;
-      return;
+      return false;
     }
     json j{{"choices", json::array({json{{"text", text}, {"finish_reason", finish}}})},
            {"usage", {{"prompt_tokens", e.prompt_tokens}, {"completion_tokens", e.completion_tokens}}}};
-    check_completion(kind, e, j, s);
+    return check_completion(kind, e, j, s);
   }
 
   // A status other than 200: 429 is the queue bound speaking (counted, with its Retry-After
@@ -455,7 +457,7 @@ class Soak {
     } else if (kind == kStream) {
       body["stream"] = true;
     }
-    const int64_t before = stats_served(kind);
+    bool served = false;  // this request's answer was right: its latency counts
     const bool began_in_overload = overload_now();
     if (kind == kJob) {
       const HttpResult r = request(http::verb::post, "/v1/jobs", body);
@@ -464,7 +466,7 @@ class Soak {
       for (;;) {
         const HttpResult res = request(http::verb::get, "/v1/jobs/" + id + "/result", nullptr);
         if (res.status == 200) {
-          check_completion(kind, e, res.json_body(), stats_);
+          served = check_completion(kind, e, res.json_body(), stats_);
           break;
         }
         if (res.status != 409 || res.error_code() != "job_not_finished") {
@@ -476,25 +478,20 @@ class Soak {
     } else {
       const HttpResult r = request(http::verb::post, "/v1/completions", body);
       if (!rejected(kind, r, overload_client, stats_)) {
-        if (body.value("stream", false)) check_stream(kind, e, r, stats_);
-        else check_completion(kind, e, r.json_body(), stats_);
+        served = body.value("stream", false) ? check_stream(kind, e, r, stats_)
+                                             : check_completion(kind, e, r.json_body(), stats_);
       }
     }
     if (!churn_id.empty()) {
       const HttpResult d = request(http::verb::delete_, "/v1/contexts/" + churn_id, nullptr);
       if (d.status != 200) stats_.fail(fmt::format("context_churn: DELETE gave {}", d.status));
     }
-    if (stats_served(kind) > before) {
+    if (served) {
       const double seconds = std::chrono::duration<double>(Clock::now() - t0).count();
       std::lock_guard lock(stats_.mutex);
       stats_.latency[kind].push_back(seconds);
       (began_in_overload ? stats_.overload : stats_.steady).push_back(seconds);
     }
-  }
-
-  int64_t stats_served(Kind kind) {
-    std::lock_guard lock(stats_.mutex);
-    return stats_.served[kind];
   }
 
   int finish(double load_seconds, bool idle) {
@@ -510,6 +507,8 @@ class Soak {
                               {"p50_s", percentile(s.latency[k], 0.50)},
                               {"p99_s", percentile(s.latency[k], 0.99)}};
     }
+    if (static_cast<int64_t>(s.steady.size() + s.overload.size()) != served)
+      problems.push_back(fmt::format("{} latencies for {} requests served", s.steady.size() + s.overload.size(), served));
     if (s.lost) problems.push_back(fmt::format("{} responses lost", s.lost));
     if (s.mixed_up) problems.push_back(fmt::format("{} responses carried another prompt's answer", s.mixed_up));
     if (s.wrong) problems.push_back(fmt::format("{} responses differ from unshackle generate", s.wrong));
