@@ -24,7 +24,7 @@ int main(int argc, char** argv) {
   int64_t prefill_chunk = 512, heartbeat_ms = 1000, heartbeat_timeout_ms = 5000;
   double step_timeout_s = 600, io_timeout_s = 30;
   uint64_t max_body_bytes = uint64_t{64} << 20, max_store_bytes = uint64_t{1} << 30;
-  std::string attention_json;
+  std::string attention_json, state_dir;
   app.add_option("--host", host, "HTTP listen address")->capture_default_str();
   app.add_option("--port", port, "HTTP port (0: any free port, see --port-file)")->capture_default_str();
   app.add_option("--worker-host", worker_host, "address worker groups connect to")->capture_default_str();
@@ -40,6 +40,8 @@ int main(int argc, char** argv) {
   app.add_option("--io-timeout-s", io_timeout_s, "HTTP read/write timeout")->capture_default_str()->check(CLI::PositiveNumber);
   app.add_option("--max-body-bytes", max_body_bytes, "request body limit")->capture_default_str();
   app.add_option("--max-file-store-bytes", max_store_bytes, "all uploaded and batch output files together")->capture_default_str();
+  app.add_option("--state-dir", state_dir,
+                 "keep /v1/files and /v1/batches here so a restarted coordinator has them (default: memory only)");
   app.add_option("--attention", attention_json, "default attention settings as JSON, e.g. '{\"mode\":\"esa\",\"top_k\":2048}'");
   CLI11_PARSE(app, argc, argv);
   if (api_key.empty())
@@ -67,6 +69,7 @@ int main(int argc, char** argv) {
     BatchOptions batch_options;
     batch_options.max_store_bytes = max_store_bytes;
     batch_options.default_attention = attention;
+    batch_options.state_dir = state_dir;
     BatchStore batches(scheduler, batch_options);
     batches.start();
     RouterOptions router_options;

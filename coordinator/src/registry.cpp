@@ -44,7 +44,18 @@ json WorkerGroup::call(const std::string& op, const json& args, std::chrono::mil
     throw Error(ErrorKind::kTimeout, fmt::format("worker group '{}' lost: {}", id_, reason));
   }
   json message = future.get();  // throws the kComm error of mark_down
-  if (!message.value("ok", false)) wire::throw_remote_error(message.value("error", json()));
+  if (!message.value("ok", false)) {
+    try {
+      wire::throw_remote_error(message.value("error", json()));
+    } catch (const Error& e) {
+      // A collective failed or timed out in this call: the group is broken (its "fatal" follows
+      // on the link). Down now, so that every job of the group fails as worker_group_lost,
+      // this one too, instead of racing the fatal message.
+      if (e.kind() == ErrorKind::kComm || e.kind() == ErrorKind::kTimeout)
+        mark_down("the group reported: " + wire::plain_message(e), "collective_failed");
+      throw;
+    }
+  }
   return message.value("result", json::object());
 }
 

@@ -38,8 +38,13 @@ Reply respond(HttpResponse response) {
 Reply respond(const ApiError& e) { return respond(error_response(e)); }
 Reply respond_json(const json& body, int status = 200) { return respond(json_response(status, body)); }
 
-ApiError not_found(const std::string& what, const std::string& id, const char* code) {
-  return ApiError(404, fmt::format("No {} with id '{}'", what, id), "", code);
+// `lost_on_restart`: what a coordinator restart loses, so an id from before one is explained.
+ApiError not_found(const std::string& what, const std::string& id, const char* code, const char* lost_on_restart = nullptr) {
+  return ApiError(404,
+                  lost_on_restart ? fmt::format("No {} with id '{}' ({} live in the coordinator's memory: a restart loses them)",
+                                                what, id, lost_on_restart)
+                                  : fmt::format("No {} with id '{}'", what, id),
+                  "", code);
 }
 
 ApiError method_not_allowed(const HttpRequest& r, const std::string& path) {
@@ -176,13 +181,13 @@ Reply Router::route(const HttpRequest& r, const std::string& path) {
     if (n == 3) {
       if (m != "GET") return respond(method_not_allowed(r, path));
       auto job = scheduler_.find_job(id);
-      if (!job) return respond(not_found("job", id, "job_not_found"));
+      if (!job) return respond(not_found("job", id, "job_not_found", "jobs"));
       return respond_json(job->to_json());
     }
     if (is({"v1", "jobs", "*", "result"})) {
       if (m != "GET") return respond(method_not_allowed(r, path));
       auto job = scheduler_.find_job(id);
-      if (!job) return respond(not_found("job", id, "job_not_found"));
+      if (!job) return respond(not_found("job", id, "job_not_found", "jobs"));
       const Job::State s = job->snapshot();
       if (s.phase == JobPhase::kCompleted) return respond_json(completion_json(*job, s));
       return respond(job_error(s));
@@ -190,7 +195,7 @@ Reply Router::route(const HttpRequest& r, const std::string& path) {
     if (is({"v1", "jobs", "*", "cancel"})) {
       if (m != "POST") return respond(method_not_allowed(r, path));
       auto job = scheduler_.cancel_job(id);
-      if (!job) return respond(not_found("job", id, "job_not_found"));
+      if (!job) return respond(not_found("job", id, "job_not_found", "jobs"));
       return respond_json(job->to_json());
     }
   }
@@ -206,11 +211,11 @@ Reply Router::route(const HttpRequest& r, const std::string& path) {
     const std::string& id = parts[2];
     if (m == "GET") {
       auto c = scheduler_.context_json(id);
-      if (!c) return respond(not_found("context", id, "context_not_found"));
+      if (!c) return respond(not_found("context", id, "context_not_found", "stored contexts"));
       return respond_json(*c);
     }
     if (m == "DELETE") {
-      if (!scheduler_.delete_context(id)) return respond(not_found("context", id, "context_not_found"));
+      if (!scheduler_.delete_context(id)) return respond(not_found("context", id, "context_not_found", "stored contexts"));
       return respond_json(json{{"id", id}, {"object", "context.deleted"}, {"deleted", true}});
     }
     return respond(method_not_allowed(r, path));
@@ -225,11 +230,11 @@ Reply Router::route(const HttpRequest& r, const std::string& path) {
     const std::string& id = parts[2];
     if (m == "GET") {
       auto f = batches_.file(id);
-      if (!f) return respond(not_found("file", id, "file_not_found"));
+      if (!f) return respond(not_found("file", id, "file_not_found", batches_.durable() ? nullptr : "files without --state-dir"));
       return respond_json(*f);
     }
     if (m == "DELETE") {
-      if (!batches_.delete_file(id)) return respond(not_found("file", id, "file_not_found"));
+      if (!batches_.delete_file(id)) return respond(not_found("file", id, "file_not_found", batches_.durable() ? nullptr : "files without --state-dir"));
       return respond_json(json{{"id", id}, {"object", "file"}, {"deleted", true}});
     }
     return respond(method_not_allowed(r, path));
@@ -237,7 +242,7 @@ Reply Router::route(const HttpRequest& r, const std::string& path) {
   if (is({"v1", "files", "*", "content"})) {
     if (m != "GET") return respond(method_not_allowed(r, path));
     auto content = batches_.file_content(parts[2]);
-    if (!content) return respond(not_found("file", parts[2], "file_not_found"));
+    if (!content) return respond(not_found("file", parts[2], "file_not_found", batches_.durable() ? nullptr : "files without --state-dir"));
     HttpResponse resp;
     resp.content_type = "application/jsonl";
     resp.body = std::move(*content);
@@ -252,13 +257,13 @@ Reply Router::route(const HttpRequest& r, const std::string& path) {
   if (is({"v1", "batches", "*"})) {
     if (m != "GET") return respond(method_not_allowed(r, path));
     auto b = batches_.batch(parts[2]);
-    if (!b) return respond(not_found("batch", parts[2], "batch_not_found"));
+    if (!b) return respond(not_found("batch", parts[2], "batch_not_found", batches_.durable() ? nullptr : "batches without --state-dir"));
     return respond_json(*b);
   }
   if (is({"v1", "batches", "*", "cancel"})) {
     if (m != "POST") return respond(method_not_allowed(r, path));
     auto b = batches_.cancel_batch(parts[2]);
-    if (!b) return respond(not_found("batch", parts[2], "batch_not_found"));
+    if (!b) return respond(not_found("batch", parts[2], "batch_not_found", batches_.durable() ? nullptr : "batches without --state-dir"));
     return respond_json(*b);
   }
   return respond(ApiError(404, fmt::format("Unknown route: {} {}", m, path), "", "unknown_route"));
