@@ -83,6 +83,10 @@ ApiError wrong_type(const std::string& param, const char* expected, const json& 
 }
 
 int64_t get_integer(const json& v, const std::string& param) {
+  // JSON integers above INT64_MAX parse as unsigned: out of range, not wrapped to negative.
+  if (v.is_number_unsigned() && v.get<uint64_t>() > uint64_t(std::numeric_limits<int64_t>::max()))
+    throw invalid_field(param, fmt::format("{}: {} is out of range (at most {})", param, v.get<uint64_t>(),
+                                           std::numeric_limits<int64_t>::max()));
   if (v.is_number_integer()) return v.get<int64_t>();
   if (v.is_number_float()) {
     const double d = v.get<double>();
@@ -179,8 +183,9 @@ CompletionRequest parse_completion(const json& body, const AttentionConfig& defa
     if (spec.sampling.top_k < 0) throw invalid_field("top_k", fmt::format("top_k: must be >= 0 (got {})", spec.sampling.top_k));
   }
   if (body.contains("seed") && !body["seed"].is_null()) {
-    const int64_t seed = get_integer(body["seed"], "seed");
-    spec.sampling.seed = static_cast<uint64_t>(seed);
+    const json& seed = body["seed"];
+    // Any 64-bit value: unsigned as given, negative ones as their two's complement.
+    spec.sampling.seed = seed.is_number_unsigned() ? seed.get<uint64_t>() : static_cast<uint64_t>(get_integer(seed, "seed"));
   }
   if (body.contains("n") && !body["n"].is_null() && get_integer(body["n"], "n") != 1)
     throw invalid_field("n", "n: only n = 1 is supported");
