@@ -50,20 +50,30 @@ ApiError invalid_field(const std::string& param, const std::string& message) {
   return ApiError(400, message, param, "invalid_value");
 }
 
-json parse_body(const std::string& body) {
-  json parsed = json::parse(body, nullptr, false);
-  if (parsed.is_discarded()) {
-    // Locate the error for the message: parse again with exceptions.
-    std::string detail;
-    try {
-      const json again = json::parse(body);
-    } catch (const json::exception& e) {
-      detail = e.what();
-    }
-    throw ApiError(400, fmt::format("The request body is not valid JSON: {}", detail), "", "invalid_json");
+std::optional<json> parse_json_bounded(const std::string& text, std::string* error) {
+  // json's copy, comparison and dump recurse once per level: a body of 64 MiB of '[' would
+  // overflow the stack wherever a request value is copied. The parser itself is iterative.
+  struct TooDeep {};
+  try {
+    return json::parse(text, [](int depth, json::parse_event_t event, json&) {
+      if ((event == json::parse_event_t::object_start || event == json::parse_event_t::array_start) && depth >= kMaxJsonDepth)
+        throw TooDeep{};
+      return true;
+    });
+  } catch (const TooDeep&) {
+    if (error) *error = fmt::format("nested deeper than {} levels", kMaxJsonDepth);
+  } catch (const json::exception& e) {
+    if (error) *error = e.what();
   }
-  if (!parsed.is_object()) throw ApiError(400, "The request body must be a JSON object", "", "invalid_json");
-  return parsed;
+  return std::nullopt;
+}
+
+json parse_body(const std::string& body) {
+  std::string detail;
+  std::optional<json> parsed = parse_json_bounded(body, &detail);
+  if (!parsed) throw ApiError(400, fmt::format("The request body is not valid JSON: {}", detail), "", "invalid_json");
+  if (!parsed->is_object()) throw ApiError(400, "The request body must be a JSON object", "", "invalid_json");
+  return std::move(*parsed);
 }
 
 namespace {

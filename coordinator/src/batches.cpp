@@ -147,11 +147,13 @@ json BatchStore::create_batch(const json& body) {
       if (errors.size() < 100)
         errors.push_back(json{{"code", "invalid_request"}, {"message", message}, {"param", param}, {"line", number}});
     };
-    json line = json::parse(text, nullptr, false);
-    if (line.is_discarded() || !line.is_object()) {
-      add("the line is not a JSON object", nullptr);
+    std::string why;
+    const std::optional<json> parsed = parse_json_bounded(text, &why);
+    if (!parsed || !parsed->is_object()) {
+      add(parsed ? "the line is not a JSON object" : "the line is not a JSON object: " + why, nullptr);
       continue;
     }
+    const json& line = *parsed;
     if (!line.contains("custom_id") || !line["custom_id"].is_string()) {
       add("custom_id: a string is required", "custom_id");
       continue;
