@@ -105,7 +105,7 @@ struct Case {
   const char* name;   // unique; the row of docs/reliability.md
   const char* route;  // as docs/api.md names it
   std::string method;
-  std::string target;  // {job}, {file}, {batch} are replaced by ids the suite made
+  std::string target;  // {job}, {file}, {badfile}, {deepfile}, {batch}: ids the suite made
   std::string body;
   int status;
   const char* code;  // error code; "" for a success
@@ -168,6 +168,13 @@ const std::vector<Case>& cases() {
         {"body is null", "POST /v1/completions", "POST", C, "null", 400, "invalid_json"},
         {"JSON nested 10000 deep", "POST /v1/completions", "POST", C, std::string(10000, '[') + std::string(10000, ']'), 400,
          "invalid_json"},
+        {"prompt nested 30000 deep", "POST /v1/completions", "POST", C,
+         "{\"prompt\":" + std::string(30000, '[') + std::string(30000, ']') + "}", 400, "invalid_json"},
+        {"object nested 65 deep", "POST /v1/completions", "POST", C,
+         completion(",\"x\":" + [] { std::string o; for (int i = 0; i < 64; ++i) o += "{\"a\":"; return o + "1" + std::string(64, '}'); }()),
+         400, "invalid_json"},
+        {"unknown field nested 60 deep", "POST /v1/completions", "POST", C,
+         completion(",\"x\":" + std::string(59, '[') + std::string(59, ']')), 200, ""},
         {"empty object", "POST /v1/completions", "POST", C, "{}", 400, "missing_required_parameter"},
         {"prompt null", "POST /v1/completions", "POST", C, R"({"prompt":null})", 400, "missing_required_parameter"},
         {"prompt number", "POST /v1/completions", "POST", C, R"({"prompt":42})", 400, "invalid_value"},
@@ -404,7 +411,9 @@ const std::vector<Case>& cases() {
         {"batches metadata 17 pairs", "POST /v1/batches", "POST", "/v1/batches", batch(",\"metadata\":" + metadata_pairs(17)),
          400, "invalid_value"},
         {"batches metadata nested 30000 deep", "POST /v1/batches", "POST", "/v1/batches",
-         batch(",\"metadata\":" + std::string(30000, '[') + std::string(30000, ']')), 400, "invalid_value"},
+         batch(",\"metadata\":" + std::string(30000, '[') + std::string(30000, ']')), 400, "invalid_json"},
+        {"batches of a file with a line nested 30000 deep", "POST /v1/batches", "POST", "/v1/batches",
+         R"({"input_file_id":"{deepfile}","endpoint":"/v1/completions","completion_window":"24h"})", 200, ""},
         {"batches truncated JSON", "POST /v1/batches", "POST", "/v1/batches", "{\"input_file_id\"", 400, "invalid_json"},
         {"batches of a file of bad lines", "POST /v1/batches", "POST", "/v1/batches",
          R"({"input_file_id":"{badfile}","endpoint":"/v1/completions","completion_window":"24h"})", 200, ""},
@@ -571,6 +580,10 @@ TEST_F(Hostile, EveryCaseOfTheTableGetsItsStatusAndEnvelope) {
   const HttpResult badfile = svc().upload("not json\n\xff\xfe\n" R"({"custom_id":"a","method":"POST","url":"/v1/completions","body":{"prompt":5}})" "\n");
   ASSERT_EQ(badfile.status, 200) << badfile.body;
   ids["badfile"] = badfile.json_body()["id"];
+  const HttpResult deepfile = svc().upload(R"({"custom_id":"deep","method":"POST","url":"/v1/completions","body":{"prompt":)" +
+                                           std::string(30000, '[') + std::string(30000, ']') + "}}\n" + kGoodLine + "\n");
+  ASSERT_EQ(deepfile.status, 200) << deepfile.body;
+  ids["deepfile"] = deepfile.json_body()["id"];
   const HttpResult failed = svc().post(
       "/v1/batches", json{{"input_file_id", ids["badfile"]}, {"endpoint", "/v1/completions"}, {"completion_window", "24h"}});
   ASSERT_EQ(failed.status, 200) << failed.body;
@@ -826,7 +839,8 @@ TEST_F(Hostile, EveryRouteButHealthRefusesAMissingOrWrongKey) {
     }
   }
   // Nothing ran for a refused request.
-  for (const json& job : svc().get("/v1/jobs?limit=1000").json_body()["data"])
+  const json jobs = svc().get("/v1/jobs?limit=1000").json_body();  // not a temporary: the loop outlives it
+  for (const json& job : jobs["data"])
     EXPECT_NE(job["progress"]["max_tokens"], 77) << "a refused request ran: " << job.dump();
   // Liveness needs no key; with the key no route answers 401.
   EXPECT_EQ(send_raw(svc().http_port, "GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").status, 200);
