@@ -50,20 +50,30 @@ ApiError invalid_field(const std::string& param, const std::string& message) {
   return ApiError(400, message, param, "invalid_value");
 }
 
-json parse_body(const std::string& body) {
-  json parsed = json::parse(body, nullptr, false);
-  if (parsed.is_discarded()) {
-    // Locate the error for the message: parse again with exceptions.
-    std::string detail;
-    try {
-      const json again = json::parse(body);
-    } catch (const json::exception& e) {
-      detail = e.what();
-    }
-    throw ApiError(400, fmt::format("The request body is not valid JSON: {}", detail), "", "invalid_json");
+std::optional<json> parse_json_bounded(const std::string& text, std::string* error) {
+  // json's copy, comparison and dump recurse once per level: a body of 64 MiB of '[' would
+  // overflow the stack wherever a request value is copied. The parser itself is iterative.
+  struct TooDeep {};
+  try {
+    return json::parse(text, [](int depth, json::parse_event_t event, json&) {
+      if ((event == json::parse_event_t::object_start || event == json::parse_event_t::array_start) && depth >= kMaxJsonDepth)
+        throw TooDeep{};
+      return true;
+    });
+  } catch (const TooDeep&) {
+    if (error) *error = fmt::format("nested deeper than {} levels", kMaxJsonDepth);
+  } catch (const json::exception& e) {
+    if (error) *error = e.what();
   }
-  if (!parsed.is_object()) throw ApiError(400, "The request body must be a JSON object", "", "invalid_json");
-  return parsed;
+  return std::nullopt;
+}
+
+json parse_body(const std::string& body) {
+  std::string detail;
+  std::optional<json> parsed = parse_json_bounded(body, &detail);
+  if (!parsed) throw ApiError(400, fmt::format("The request body is not valid JSON: {}", detail), "", "invalid_json");
+  if (!parsed->is_object()) throw ApiError(400, "The request body must be a JSON object", "", "invalid_json");
+  return std::move(*parsed);
 }
 
 namespace {
@@ -83,6 +93,10 @@ ApiError wrong_type(const std::string& param, const char* expected, const json& 
 }
 
 int64_t get_integer(const json& v, const std::string& param) {
+  // JSON integers above INT64_MAX parse as unsigned: out of range, not wrapped to negative.
+  if (v.is_number_unsigned() && v.get<uint64_t>() > uint64_t(std::numeric_limits<int64_t>::max()))
+    throw invalid_field(param, fmt::format("{}: {} is out of range (at most {})", param, v.get<uint64_t>(),
+                                           std::numeric_limits<int64_t>::max()));
   if (v.is_number_integer()) return v.get<int64_t>();
   if (v.is_number_float()) {
     const double d = v.get<double>();
@@ -179,8 +193,9 @@ CompletionRequest parse_completion(const json& body, const AttentionConfig& defa
     if (spec.sampling.top_k < 0) throw invalid_field("top_k", fmt::format("top_k: must be >= 0 (got {})", spec.sampling.top_k));
   }
   if (body.contains("seed") && !body["seed"].is_null()) {
-    const int64_t seed = get_integer(body["seed"], "seed");
-    spec.sampling.seed = static_cast<uint64_t>(seed);
+    const json& seed = body["seed"];
+    // Any 64-bit value: unsigned as given, negative ones as their two's complement.
+    spec.sampling.seed = seed.is_number_unsigned() ? seed.get<uint64_t>() : static_cast<uint64_t>(get_integer(seed, "seed"));
   }
   if (body.contains("n") && !body["n"].is_null() && get_integer(body["n"], "n") != 1)
     throw invalid_field("n", "n: only n = 1 is supported");

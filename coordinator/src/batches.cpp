@@ -188,6 +188,15 @@ json BatchStore::create_batch(const json& body) {
   if (endpoint != "/v1/completions")
     throw invalid_field("endpoint", fmt::format("endpoint: only /v1/completions is supported (got '{}')", endpoint));
   if (window != "24h") throw invalid_field("completion_window", "completion_window: must be '24h'");
+  // OpenAI's metadata: at most 16 pairs of strings (keys up to 64 characters, values up to 512).
+  const json metadata = body.value("metadata", json());
+  if (!metadata.is_null()) {
+    if (!metadata.is_object()) throw invalid_field("metadata", "metadata: expected an object of strings");
+    if (metadata.size() > 16) throw invalid_field("metadata", fmt::format("metadata: at most 16 pairs (got {})", metadata.size()));
+    for (const auto& [key, value] : metadata.items())
+      if (key.size() > 64 || !value.is_string() || value.get<std::string>().size() > 512)
+        throw invalid_field("metadata", "metadata: keys are strings of at most 64 characters, values strings of at most 512");
+  }
   std::lock_guard lock(mutex_);
   auto f = files_.find(input);
   if (f == files_.end()) throw ApiError(404, fmt::format("No file with id '{}'", input), "input_file_id", "file_not_found");
@@ -197,7 +206,7 @@ json BatchStore::create_batch(const json& body) {
   b.id = new_id("batch");
   b.input_file_id = input;
   b.endpoint = endpoint;
-  b.metadata = body.value("metadata", json());
+  b.metadata = metadata;
   b.timestamps["created_at"] = unix_now();
   b.timestamps["expires_at"] = unix_now() + 24 * 3600;
   const json errors = parse_lines(f->second.content, b);
@@ -230,11 +239,13 @@ json BatchStore::parse_lines(const std::string& content, Batch& b) const {
       if (errors.size() < 100)
         errors.push_back(json{{"code", "invalid_request"}, {"message", message}, {"param", param}, {"line", number}});
     };
-    json line = json::parse(text, nullptr, false);
-    if (line.is_discarded() || !line.is_object()) {
-      add("the line is not a JSON object", nullptr);
+    std::string why;
+    const std::optional<json> parsed = parse_json_bounded(text, &why);
+    if (!parsed || !parsed->is_object()) {
+      add(parsed ? "the line is not a JSON object" : "the line is not a JSON object: " + why, nullptr);
       continue;
     }
+    const json& line = *parsed;
     if (!line.contains("custom_id") || !line["custom_id"].is_string()) {
       add("custom_id: a string is required", "custom_id");
       continue;

@@ -22,7 +22,7 @@ int main(int argc, char** argv) {
   uint16_t port = 8000, worker_port = 8001;
   size_t max_queued = 64;
   int64_t prefill_chunk = 512, heartbeat_ms = 1000, heartbeat_timeout_ms = 5000;
-  double step_timeout_s = 600, io_timeout_s = 30;
+  double step_timeout_s = 600, io_timeout_s = 30, idle_timeout_s = 120;
   uint64_t max_body_bytes = uint64_t{64} << 20, max_store_bytes = uint64_t{1} << 30;
   std::string attention_json, state_dir;
   app.add_option("--host", host, "HTTP listen address")->capture_default_str();
@@ -37,7 +37,10 @@ int main(int argc, char** argv) {
   app.add_option("--heartbeat-timeout-ms", heartbeat_timeout_ms, "silence that marks a worker group down")
       ->capture_default_str()->check(CLI::PositiveNumber);
   app.add_option("--step-timeout-s", step_timeout_s, "longest one worker call may take")->capture_default_str()->check(CLI::PositiveNumber);
-  app.add_option("--io-timeout-s", io_timeout_s, "HTTP read/write timeout")->capture_default_str()->check(CLI::PositiveNumber);
+  app.add_option("--io-timeout-s", io_timeout_s, "HTTP timeout: a whole request from its first byte (else 408), each write")
+      ->capture_default_str()->check(CLI::PositiveNumber);
+  app.add_option("--idle-timeout-s", idle_timeout_s, "keep-alive connection's wait for the next request's first byte")
+      ->capture_default_str()->check(CLI::PositiveNumber);
   app.add_option("--max-body-bytes", max_body_bytes, "request body limit")->capture_default_str();
   app.add_option("--max-file-store-bytes", max_store_bytes, "all uploaded and batch output files together")->capture_default_str();
   app.add_option("--state-dir", state_dir,
@@ -79,6 +82,7 @@ int main(int argc, char** argv) {
     Router router(scheduler, registry, metrics, batches, router_options);
     HttpOptions http_options;
     http_options.io_timeout = std::chrono::milliseconds(static_cast<int64_t>(io_timeout_s * 1000));
+    http_options.idle_timeout = std::chrono::milliseconds(static_cast<int64_t>(idle_timeout_s * 1000));
     http_options.body_limit = max_body_bytes;
     HttpServer server(ioc, router, scheduler, http_options);
 

@@ -19,7 +19,7 @@ namespace {
 class Session : public std::enable_shared_from_this<Session> {
  public:
   Session(net::ip::tcp::socket socket, std::shared_ptr<HttpServer::Shared> shared)
-      : stream_(std::move(socket)), shared_(std::move(shared)) {}
+      : stream_(std::move(socket)), read_timer_(stream_.get_executor()), shared_(std::move(shared)) {}
   ~Session() {
     --shared_->connections;
     if (job_ && !job_->done()) shared_->scheduler.cancel_job(job_->id);  // the client went away
@@ -30,16 +30,49 @@ class Session : public std::enable_shared_from_this<Session> {
   }
 
  private:
+  // A request must arrive whole within io_timeout of its first byte (a slow client, e.g.
+  // headers dribbled byte by byte or a body that never completes, gets 408 then); a
+  // keep-alive connection may wait idle_timeout for that first byte.
   void do_read(bool first) {
     parser_.emplace();
     parser_->header_limit(shared_->options.header_limit);
     parser_->body_limit(shared_->options.body_limit);
-    stream_.expires_after(first ? shared_->options.io_timeout : shared_->options.idle_timeout);
-    // The first bytes of a keep-alive request may take idle_timeout; the rest must follow.
-    http::async_read(stream_, buffer_, *parser_, [self = shared_from_this()](beast::error_code ec, size_t) { self->on_read(ec); });
+    if (first || buffer_.size() > 0) return read_request();
+    stream_.expires_after(shared_->options.idle_timeout);  // the stream closes the idle socket
+    stream_.async_read_some(buffer_.prepare(4096), [self = shared_from_this()](beast::error_code ec, size_t n) {
+      if (ec) return self->close();
+      self->buffer_.commit(n);
+      self->read_request();
+    });
+  }
+
+  void read_request() {
+    // Our own timer, not the stream's expiry: that would close the socket, and the client
+    // could not be told 408.
+    stream_.expires_never();
+    timed_out_ = false;
+    read_timer_.expires_after(shared_->options.io_timeout);
+    read_timer_.async_wait([self = shared_from_this()](beast::error_code ec) {
+      if (ec) return;  // cancelled: the read ended first
+      self->timed_out_ = true;
+      beast::error_code ignored;
+      self->stream_.socket().cancel(ignored);  // the read completes with operation_aborted
+    });
+    http::async_read(stream_, buffer_, *parser_, [self = shared_from_this()](beast::error_code ec, size_t) {
+      self->read_timer_.cancel();
+      self->on_read(ec);
+    });
   }
 
   void on_read(beast::error_code ec) {
+    if (ec && timed_out_) {
+      keep_alive_ = false;
+      if (!parser_->got_some() && buffer_.size() == 0) return close();  // it never sent anything
+      buffer_.consume(buffer_.size());
+      return write(error_response(ApiError(
+          408, fmt::format("The request did not arrive within {} ms", shared_->options.io_timeout.count()), "",
+          "request_timeout")));
+    }
     if (ec == http::error::end_of_stream || ec == net::error::eof || ec == beast::error::timeout ||
         ec == net::error::operation_aborted || ec == net::error::connection_reset)
       return close();
@@ -85,9 +118,28 @@ class Session : public std::enable_shared_from_this<Session> {
     if (head_) res->body().clear();
     stream_.expires_after(shared_->options.io_timeout);
     http::async_write(stream_, *res, [self = shared_from_this(), res](beast::error_code ec, size_t) {
-      if (ec || !self->keep_alive_) return self->close();
+      if (ec) return self->close();
+      if (!self->keep_alive_) return self->linger_close();
       self->job_.reset();
       self->do_read(false);
+    });
+  }
+
+  // After the last answer: stop sending, then read and drop what the client still sends (the
+  // rest of a body over the limit, say) for up to a second before closing. Closing with
+  // unread bytes would send a TCP reset, and the client could lose the answer it was sent.
+  void linger_close() {
+    beast::error_code ignored;
+    stream_.socket().shutdown(net::ip::tcp::socket::shutdown_send, ignored);
+    buffer_.consume(buffer_.size());
+    linger_until_ = std::chrono::steady_clock::now() + std::chrono::seconds(1);
+    drain();
+  }
+  void drain() {
+    stream_.expires_at(linger_until_);
+    stream_.async_read_some(buffer_.prepare(64 * 1024), [self = shared_from_this()](beast::error_code ec, size_t) {
+      if (ec) return self->close();  // end of stream, or the second is over
+      self->drain();                  // dropped: the buffer is reused without commit
     });
   }
 
@@ -202,6 +254,9 @@ class Session : public std::enable_shared_from_this<Session> {
   }
 
   beast::tcp_stream stream_;
+  net::steady_timer read_timer_;
+  bool timed_out_ = false;
+  std::chrono::steady_clock::time_point linger_until_;
   std::shared_ptr<HttpServer::Shared> shared_;
   beast::flat_buffer buffer_;
   std::optional<http::request_parser<http::string_body>> parser_;

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cctype>
 #include <cstdio>
+#include <limits>
 #include <random>
 
 #include "unshackle/service/engine_ops.h"
@@ -20,6 +21,15 @@ int64_t unix_now() {
   return std::chrono::duration_cast<std::chrono::seconds>(std::chrono::system_clock::now().time_since_epoch()).count();
 }
 
+// context + prompt + max_tokens, saturating: max_tokens may be any positive int64 from the
+// request, and a wrapped sum would pass the length checks.
+int64_t total_tokens(int64_t context, int64_t prompt, int64_t max_tokens) {
+  int64_t sum = 0;
+  if (__builtin_add_overflow(context, prompt, &sum) || __builtin_add_overflow(sum, max_tokens, &sum))
+    return std::numeric_limits<int64_t>::max();
+  return sum;
+}
+
 std::string token_parts(int64_t context, int64_t prompt, int64_t max_tokens) {
   return context > 0 ? fmt::format("{} in the stored context, {} in the prompt, {} in the completion", context, prompt, max_tokens)
                      : fmt::format("{} in the prompt, {} in the completion", prompt, max_tokens);
@@ -29,7 +39,7 @@ ApiError context_length_error(int64_t limit, int64_t context, int64_t prompt, in
   ApiError e(400,
              fmt::format("This model's {} is {} tokens. However, you requested {} tokens ({}). Please reduce the "
                          "length of the prompt or max_tokens.",
-                         what, limit, context + prompt + max_tokens, token_parts(context, prompt, max_tokens)),
+                         what, limit, total_tokens(context, prompt, max_tokens), token_parts(context, prompt, max_tokens)),
              "prompt", "context_length_exceeded");
   e.should_retry = false;
   return e;
@@ -43,7 +53,7 @@ ApiError stored_contexts_error(int64_t capacity, int64_t stored, int64_t context
                          "deleted. However, you requested {} tokens ({}; a request on a stored context works on a copy "
                          "of it). Delete a stored context (DELETE /v1/contexts/{{id}}) or reduce the length of the "
                          "prompt or max_tokens.",
-                         capacity, stored, context + prompt + max_tokens, token_parts(context, prompt, max_tokens)),
+                         capacity, stored, total_tokens(context, prompt, max_tokens), token_parts(context, prompt, max_tokens)),
              "prompt", "context_length_exceeded");
   e.should_retry = false;
   return e;
@@ -336,7 +346,7 @@ std::shared_ptr<Job> Scheduler::submit(JobKind kind, JobSpec spec, bool bypass_q
   }
   if (!spec.prompt_is_text) {
     const auto prompt = static_cast<int64_t>(spec.prompt_tokens.size());
-    if (context_tokens + prompt + spec.max_tokens > limit)
+    if (total_tokens(context_tokens, prompt, spec.max_tokens) > limit)
       throw context_length_error(limit, context_tokens, prompt, spec.max_tokens, "maximum context length");
   }
   if (!bypass_queue_limit && queue_.size() + pending_ >= options_.max_queued) {
@@ -544,7 +554,7 @@ void Scheduler::admit(WorkerGroup& g, std::vector<std::shared_ptr<Run>>& running
       // Its size is known (token ids, or tokenized by a group that gave it back): leave it to
       // a group with room when it does not fit here.
       const int64_t prompt = job->snapshot().prompt_tokens;
-      const int64_t need = prompt + job->spec.max_tokens;
+      const int64_t need = total_tokens(0, prompt, job->spec.max_tokens);
       if (prompt >= 0 && capacity_[g.id()] - reserved_[g.id()] < need) {
         const bool never_here = need > capacity_[g.id()] - stored_tokens(g.id());
         if (room_elsewhere(g, *job, need, false) || (never_here && room_elsewhere(g, *job, need, true))) continue;
@@ -600,12 +610,12 @@ void Scheduler::step(WorkerGroup& g, Run& run) {
         finish(g, run, JobPhase::kFailed, "error", invalid_field("prompt", "prompt: tokenizes to no tokens"));
         return;
       }
-      if (run.context_tokens + prompt + spec.max_tokens > model.max_context_tokens) {
+      if (total_tokens(run.context_tokens, prompt, spec.max_tokens) > model.max_context_tokens) {
         finish(g, run, JobPhase::kFailed, "error",
                context_length_error(model.max_context_tokens, run.context_tokens, prompt, spec.max_tokens, "maximum context length"));
         return;
       }
-      run.need = run.context_tokens + prompt + spec.max_tokens;
+      run.need = total_tokens(run.context_tokens, prompt, spec.max_tokens);  // <= max_context_tokens
     }
     if (!run.reserved) {
       std::unique_lock lock(mutex_);

@@ -4,6 +4,7 @@
 
 #include <array>
 #include <cmath>
+#include <limits>
 
 #include "unshackle/common/check.h"
 
@@ -90,12 +91,25 @@ json attention_to_json(const AttentionConfig& c) {
 
 namespace {
 int64_t integer_field(const json& value, const std::string& name) {
-  if (value.is_number_integer()) return value.get<int64_t>();
-  if (value.is_number_float()) {
-    const double d = value.get<double>();
-    if (std::isfinite(d) && std::floor(d) == d && std::fabs(d) < 9e15) return static_cast<int64_t>(d);
+  // Token counts and positions fit in 32 bits (token positions are int32): larger values are
+  // out of range here, before they reach position arithmetic (eps + position, w as a position)
+  // where they would overflow.
+  constexpr int64_t kLimit = std::numeric_limits<int32_t>::max();
+  int64_t v = 0;
+  if (value.is_number_unsigned()) {
+    const uint64_t u = value.get<uint64_t>();
+    if (u > uint64_t(kLimit)) fail(ErrorKind::kInvalidArgument, fmt::format("{}: {} is out of range (at most {})", name, u, kLimit));
+    v = static_cast<int64_t>(u);
+  } else if (value.is_number_integer()) {
+    v = value.get<int64_t>();
+  } else if (value.is_number_float() && std::isfinite(value.get<double>()) && std::floor(value.get<double>()) == value.get<double>() &&
+             std::fabs(value.get<double>()) < 9e15) {
+    v = static_cast<int64_t>(value.get<double>());
+  } else {
+    fail(ErrorKind::kInvalidArgument, fmt::format("{}: must be an integer", name));
   }
-  fail(ErrorKind::kInvalidArgument, fmt::format("{}: must be an integer", name));
+  if (v > kLimit || v < -kLimit) fail(ErrorKind::kInvalidArgument, fmt::format("{}: {} is out of range (at most {})", name, v, kLimit));
+  return v;
 }
 }  // namespace
 

@@ -79,7 +79,11 @@ struct CompletionRequest {
 CompletionRequest parse_completion(const nlohmann::json& body, const AttentionConfig& defaults);
 // Parses a /v1/contexts body: {"prompt", "model"?, "attention"?}.
 JobSpec parse_context_request(const nlohmann::json& body, const AttentionConfig& defaults);
-// Parses the request body as a JSON object; 400 invalid_json otherwise.
+// JSON from outside (request bodies, batch input lines) nests at most this deep.
+constexpr int kMaxJsonDepth = 64;
+// Parses `text` as JSON nested at most kMaxJsonDepth deep; nullopt (and why in *error) otherwise.
+std::optional<nlohmann::json> parse_json_bounded(const std::string& text, std::string* error = nullptr);
+// Parses the request body as a JSON object; 400 invalid_json otherwise (also nested too deep).
 nlohmann::json parse_body(const std::string& body);
 
 }  // namespace unshackle::coord
