@@ -11,6 +11,7 @@ packages=(
   libopenmpi-dev openmpi-bin
   libboost1.81-dev libboost-json1.81-dev prometheus-cpp-dev libsystemd-dev
   prometheus curl python3 python3-yaml shellcheck systemd procps
+  clang-14 libclang-rt-14-dev llvm-14 ccache  # tests/fuzz: libFuzzer, sanitizers, llvm-symbolizer
 )
 
 missing=()

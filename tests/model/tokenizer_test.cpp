@@ -212,6 +212,30 @@ TEST_F(SentencePiece, RoundTripsAndSplitsSpecialsFirst) {
   std::filesystem::remove(dir_->sub("tokenizer_config.json"));
 }
 
+// A malformed tokenizer.model that libsentencepiece refuses with its own exception (a
+// zero-length piece: darts' "zero-length key") is an Error naming the file, as every
+// loader's (found by tests/fuzz/fuzz_tokenizer_sentencepiece: it escaped as a foreign
+// exception). The model: <unk>, <s>, </s>, "a" and the piece "\0", as protobuf bytes.
+TEST(SentencePieceFile, MalformedModelIsAnErrorNamingTheFile) {
+  ScratchDir dir("sp_bad");
+  const std::string model_hex =
+      "0a0e0a053c756e6b3e150000000018020a0c0a033c733e150000000018030a0d0a043c2f733e150000000018030a080a0161"
+      "15000080bf0a080a010015000000c0";
+  std::string model;
+  for (size_t i = 0; i < model_hex.size(); i += 2) model += static_cast<char>(std::stoi(model_hex.substr(i, 2), nullptr, 16));
+  std::ofstream(dir.sub("tokenizer.model"), std::ios::binary) << model;
+  try {
+    load_tokenizer(dir.path());
+    ADD_FAILURE() << "no error";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.kind(), ErrorKind::kInvalidArgument);
+    EXPECT_NE(std::string(e.what()).find(dir.sub("tokenizer.model")), std::string::npos) << e.what();
+  }
+  // Without the "\0" piece the same model loads.
+  std::ofstream(dir.sub("tokenizer.model"), std::ios::binary) << model.substr(0, model.size() - 10);
+  EXPECT_EQ(load_tokenizer(dir.path())->vocab_size(), 4);
+}
+
 // Encodings by transformers.js (an independent implementation of tokenizer.json) of a corpus
 // with unicode, whitespace runs (also non-ASCII spaces), CR/LF and special tokens, for the
 // Llama-3, Qwen2 and GPT-2 style tokenizers that make-model writes. The file holds the

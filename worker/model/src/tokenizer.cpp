@@ -115,7 +115,15 @@ std::unique_ptr<SentencePieceTokenizer> SentencePieceTokenizer::load(const std::
   if (!fs::exists(path)) fail(ErrorKind::kNotFound, fmt::format("{}: no such file", path));
   std::unique_ptr<SentencePieceTokenizer> t(new SentencePieceTokenizer());
   Impl& m = *t->impl_;
-  const auto status = m.sp.Load(path);
+  // libsentencepiece throws its own exceptions on some malformed models (a zero-length piece:
+  // darts' "zero-length key"); they become the Error every loader throws, naming the file.
+  const auto status = [&] {
+    try {
+      return m.sp.Load(path);
+    } catch (const std::exception& e) {
+      fail(ErrorKind::kInvalidArgument, fmt::format("{}: not a SentencePiece model: {}", path, e.what()));
+    }
+  }();
   UNS_CHECK_KIND(kInvalidArgument, status.ok(), "{}: not a SentencePiece model: {}", path, status.ToString());
   m.add_bos = add_bos;
   m.add_eos = add_eos;
