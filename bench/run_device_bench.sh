@@ -23,7 +23,7 @@ want() { [[ " $sections " == *" $1 "* ]]; }
 
 if want tests; then
   section "kernels_cuda_test (every op against the CPU reference)"
-  timeout 120 "$bin/kernels_cuda_test" 2>&1 | tee "$out/tests.txt" | grep -E "^\[  (PASSED|FAILED|  OK|SKIPPED) |FAILED|Failure|error" | head -40
+  timeout 240 "$bin/kernels_cuda_test" 2>&1 | tee "$out/tests.txt" | grep -E "^\[  (PASSED|FAILED|  OK|SKIPPED) |FAILED|Failure|error" | head -40
 fi
 if want step; then
   section "NCCL layer step vs the CPU oracle, mpirun -np $ranks"
