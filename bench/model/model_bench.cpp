@@ -7,7 +7,9 @@
 // Each repeat uses a fresh context; one warm-up repeat is not reported (cuBLAS heuristics,
 // first-touch allocation). Prints one line per repeat and a JSON summary with medians.
 //   bench_model --model DIR [--backend cpu|cuda] [--prompt 512 [2048 ...]] [--chunk 512] [--decode 32]
-//               [--repeats 3] [--mode full]
+//               [--repeats 3] [--mode full] [--kv-dtype auto|bf16|f32]
+// The KV dtype defaults to what the service and `unshackle generate` use (auto: bf16 on the
+// GPU, where chunks of >= 16 tokens attend on the tensor cores; f32 on the CPU).
 #include <CLI/CLI.hpp>
 #include <fmt/format.h>
 
@@ -27,7 +29,7 @@ namespace {
 using Clock = std::chrono::steady_clock;
 
 struct Options {
-  std::string model_dir, backend = "cpu", mode = "full";
+  std::string model_dir, backend = "cpu", mode = "full", kv_dtype = "auto";
   std::vector<int64_t> prompts = {512};  // one measurement per prompt length, one model load
   int64_t chunk = 512, decode = 32;
   int repeats = 3;
@@ -76,12 +78,15 @@ void measure(const Options& o, const std::shared_ptr<const Model>& model, CudaMo
   }
   AttentionConfig attention{.mode = parse_mode(o.mode)};
   attention.validate(c.heads, c.kv_heads);
+  const DType kv_dtype = resolve_kv_dtype(o.kv_dtype, o.backend);
   std::vector<double> prefill_s, decode_s;
   std::vector<int32_t> first_tokens;
   for (int rep = 0; rep <= o.repeats; ++rep) {
     run_local_ranks(1, [&](int, Communicator& comm) {
       auto backend = cuda ? make_cuda_backend(0) : make_cpu_backend();
-      ContextAttention context(*backend, comm, model->attention_options(attention, nullptr, prompt_len + o.decode));
+      ContextAttentionOptions options = model->attention_options(attention, nullptr, prompt_len + o.decode);
+      options.kv_dtype = kv_dtype;
+      ContextAttention context(*backend, comm, options);
       std::vector<float> logits;
       auto t0 = Clock::now();
       if (cuda) {
@@ -119,7 +124,7 @@ void measure(const Options& o, const std::shared_ptr<const Model>& model, CudaMo
   const nlohmann::json j = {
       {"backend", o.backend},  {"model", o.model_dir},      {"layers", c.layers},
       {"hidden", c.hidden},    {"vocab", c.vocab},          {"dtype", c.torch_dtype},
-      {"mode", o.mode},        {"prompt", prompt_len},        {"chunk", o.chunk},
+      {"mode", o.mode},        {"kv_dtype", std::string(dtype_name(kv_dtype))}, {"prompt", prompt_len},        {"chunk", o.chunk},
       {"decode", o.decode},    {"repeats", o.repeats},
       {"prefill_tokens_per_s", static_cast<double>(prompt_len) / median(prefill_s)},
       {"decode_ms_per_token", median(decode_s) * 1e3 / static_cast<double>(o.decode)},
@@ -138,6 +143,7 @@ int main(int argc, char** argv) {
   app.add_option("--backend", o.backend, "cpu or cuda");
   app.add_option("--prompt", o.prompts, "prompt tokens (seeded ids); several values: one measurement each");
   app.add_option("--chunk", o.chunk, "prefill chunk");
+  app.add_option("--kv-dtype", o.kv_dtype, "K, V and k' storage: auto (bf16 on cuda, f32 on cpu), bf16 or f32");
   app.add_option("--decode", o.decode, "decode steps timed");
   app.add_option("--repeats", o.repeats, "timed repeats (after one warm-up)");
   app.add_option("--mode", o.mode, "attention mode (full, streaming, exact-topk)");
