@@ -2,7 +2,8 @@
 # Builds, here (Debian 12), the real service for the GPU machine and packs it with the shared
 # libraries that machine lacks, to be carried there (tools/device/run_service_gpu.sh runs it):
 #   unshackle-coordinator, unshackle-worker, unshackle (CUDA for sm_90, H200), and the GPU tests
-#   kernels_cuda_test and model_cuda_test, stripped of debug info;
+#   kernels_cuda_test and model_cuda_test, and bench_model (the whole-model speed, next to
+#   tools/hf_parity/hf_bench.py), stripped of debug info;
 #   every .so they load (by ldd) except what the GPU machine has itself: the C/C++ runtime,
 #   CUDA (cudart, cuBLAS, NCCL, the driver) and OpenMPI with everything libmpi loads (the
 #   device's mpirun must use its own MPI libraries). That leaves prometheus-cpp, OpenBLAS (and
@@ -20,7 +21,7 @@ cd "$(dirname "$0")/../.."
 build=${BUILD_DIR:-build-device-service}
 out=.device-build/service
 export PATH="$PATH:/usr/local/cuda/bin"
-targets=(unshackle-coordinator unshackle-worker unshackle kernels_cuda_test model_cuda_test)
+targets=(unshackle-coordinator unshackle-worker unshackle kernels_cuda_test model_cuda_test bench_model)
 
 launcher=()
 if command -v ccache >/dev/null; then
@@ -56,7 +57,9 @@ is_device_lib() {
   esac
   grep -qxF "$1" "$stage/mpi_closure" 2>/dev/null
 }
-libmpi=$(ldconfig -p | awk '/libmpi\.so\.40 / {print $NF; exit}')
+# awk reads to the end (no early exit): an early exit would end ldconfig by SIGPIPE, which
+# pipefail turns into this script's failure.
+libmpi=$(ldconfig -p | awk '/libmpi\.so\.40 / && !found {print $NF; found = 1}')
 [ -n "$libmpi" ] || { echo "build_service_for_device: libmpi.so.40 not found by ldconfig" >&2; exit 1; }
 { echo libmpi.so.40; ldd "$libmpi" | awk '{print $1}'; } | sort -u >"$stage/mpi_closure"
 
@@ -68,9 +71,10 @@ manifest=$stage/MANIFEST.txt
   echo "#   $(tr '\n' ' ' <"$stage/mpi_closure")"
 } >"$manifest"
 for binary in "$stage"/bin/*; do
-  if ldd "$binary" | grep -q "not found"; then
+  ldd "$binary" >"$stage/ldd.txt"
+  if grep -q "not found" "$stage/ldd.txt"; then
     echo "build_service_for_device: $(basename "$binary") has unresolved libraries here:" >&2
-    ldd "$binary" | grep "not found" >&2
+    grep "not found" "$stage/ldd.txt" >&2
     exit 1
   fi
   echo "bin/$(basename "$binary")  $(stat -c %s "$binary") bytes" >>"$manifest"
