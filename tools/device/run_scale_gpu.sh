@@ -12,7 +12,8 @@
 # Then one job (POST /v1/jobs) of N random token ids and --decode generated tokens, polled
 # until it ends, and its own timings:
 #   context length, prefill time (and tokens/s), time to first token, decode ms/token (decode
-#   time / (tokens - 1)), GPU memory (nvidia-smi) after the prefill;
+#   time / (tokens - 1)), the peak GPU memory (nvidia-smi each second over the job's life) and
+#   the worker's KV gauges (/metrics) when decode starts;
 # and with --full-tokens M the same with full attention on an M-token context (full attention
 # has the same KV bytes per token; its prefill is quadratic, so M is the longest the time
 # limit allows, chosen by whoever runs it).
@@ -132,6 +133,13 @@ EOF
   record PASS model "Llama-3-8B-shaped, $layers layers, bf16, made by transformers in $(($(date +%s) - t0)) s"
 fi
 [ -f "$model/config.json" ] || { record FAIL model "$model/config.json is missing"; exit 1; }
+# transformers saves no tokenizer for a random model, and the worker loads one (it serves text
+# too); the prompts here are token ids, so a byte tokenizer (ids past its 259 decode to no text)
+# is enough.
+if [ ! -f "$model/tokenizer.json" ] && [ ! -f "$model/tokenizer.model" ] && [ ! -f "$model/unshackle_tokenizer.json" ]; then
+  echo '{"type": "bytes", "specials": ["<s>", "</s>", "<unk>"], "bos_index": 0}' >"$model/unshackle_tokenizer.json"
+  record INFO tokenizer "none in $model: wrote a byte tokenizer (the prompts are token ids)"
+fi
 shape=$(python3 - "$model/config.json" <<'EOF'
 import json, sys
 c = json.load(open(sys.argv[1]))
@@ -238,6 +246,12 @@ print(json.dumps({"prompt": [rng.randrange(low, vocab) for _ in range(n)], "max_
                   "temperature": 0, "attention": attention}))
 EOF
   t0=$(date +%s)
+  # GPU memory in use, sampled every second for the job's whole life (the peak is reported:
+  # decode may last under a second, too short for one poll to see it).
+  ( while :; do nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits 2>/dev/null | head -1; sleep 1; done ) \
+    >"$logs/${name}_gpu_memory_samples.txt" &
+  local sampler=$!
+  started+=("$sampler")
   job=$(http 120 "$url/v1/jobs" --data "$work/$name.request.json" | tee "$logs/${name}_job_create.json" |
     python3 -c 'import json,sys; print(json.load(sys.stdin).get("id", ""))' 2>/dev/null)
   [ -n "$job" ] || { record FAIL "job_$name" "POST /v1/jobs: $(head -c 300 "$logs/${name}_job_create.json")"; return 1; }
@@ -246,13 +260,15 @@ EOF
     status=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1])).get("status", ""))' "$work/$name.result.json" 2>/dev/null)
     if [ "$status" = decode ] && [ "$seen_decode" = 0 ]; then
       seen_decode=1
-      nvidia-smi --query-gpu=memory.used,memory.total --format=csv,noheader >"$logs/${name}_gpu_memory.txt" 2>&1
+      http 10 "$url/metrics" 2>/dev/null | grep -E '^unshackle_worker_kv_(bytes|tokens)' >"$logs/${name}_kv_gauges.txt"
       record INFO "prefill_done_$name" "$n tokens prefilled after $(($(date +%s) - t0)) s (client clock)"
     fi
     case "$status" in completed | failed | cancelled) break ;; esac
     kill -0 "$worker_pid" 2>/dev/null || break
     sleep 1
   done
+  kill "$sampler" 2>/dev/null
+  wait "$sampler" 2>/dev/null
   cp "$work/$name.result.json" "$logs/${name}_job.json"
   local line
   line=$(python3 - "$work/$name.result.json" "$n" <<'EOF'
@@ -271,7 +287,11 @@ print("%s: context %s tokens, prefill %s (%s tokens/s), time to first token %s, 
     "" if not job.get("error") else ", error: %s" % job["error"]))
 EOF
 )
-  [ -f "$logs/${name}_gpu_memory.txt" ] && line="$line; GPU memory during decode $(head -1 "$logs/${name}_gpu_memory.txt")"
+  local peak total
+  peak=$(sort -n "$logs/${name}_gpu_memory_samples.txt" 2>/dev/null | tail -1)
+  total=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1)
+  [ -n "$peak" ] && line="$line; GPU memory peak ${peak} MiB of ${total} MiB (nvidia-smi each second)"
+  [ -s "$logs/${name}_kv_gauges.txt" ] && line="$line; at decode: $(tr '\n' ' ' <"$logs/${name}_kv_gauges.txt")"
   if [ "$status" = completed ]; then record PASS "job_$name" "$line"; else record FAIL "job_$name" "$line"; fi
 }
 
