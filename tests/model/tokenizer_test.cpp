@@ -162,6 +162,34 @@ TEST(BpeTokenizer, HuggingFaceFileFeatures) {
   }
 }
 
+// Token ids in tokenizer.json must be integers in [0, 2^31): a float id out of int's range was
+// undefined behaviour (json's conversion; found by fuzz_tokenizer_bpe, 3.3e48), a negative or
+// too large one wrapped. Each is an Error naming the field.
+TEST(BpeTokenizer, TokenIdsOutOfRangeAreErrorsNamingTheField) {
+  const nlohmann::json base = nlohmann::json::parse(train_bpe_tokenizer_json("", 256, "", {}, false));
+  EXPECT_NO_THROW(BpeTokenizer::parse(base.dump(), "edited"));
+  for (const nlohmann::json& id : {nlohmann::json(3.33333e48), nlohmann::json(2.5), nlohmann::json(-1),
+                                   nlohmann::json(int64_t{1} << 31), nlohmann::json(uint64_t{1} << 63),
+                                   nlohmann::json("7")}) {
+    SCOPED_TRACE(id.dump());
+    for (const char* field : {"model.vocab", "added_tokens"}) {
+      nlohmann::json j = base;
+      if (std::string(field) == "model.vocab") {
+        j["model"]["vocab"]["Ġt"] = id;
+      } else {
+        j["added_tokens"] = {{{"id", id}, {"content", "<x>"}, {"special", true}}};
+      }
+      try {
+        BpeTokenizer::parse(j.dump(), "edited");
+        ADD_FAILURE() << field << ": no error";
+      } catch (const Error& e) {
+        EXPECT_EQ(e.kind(), ErrorKind::kInvalidArgument);
+        EXPECT_NE(std::string(e.what()).find(field), std::string::npos) << e.what();
+      }
+    }
+  }
+}
+
 // A SentencePiece model trained here on the corpus (identity normalisation, byte fallback).
 class SentencePiece : public ::testing::Test {
  protected:

@@ -33,6 +33,17 @@ const char* const kGpt2Pattern = R"('s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?
   fail(ErrorKind::kInvalidArgument, fmt::format("{}: {}", label, what));
 }
 
+// A token id from the file: an integer in [0, 2^31). json's get<int32_t> would convert a float
+// out of int's range (undefined behaviour: fuzz_tokenizer_bpe found a vocab id 3.3e48) and
+// wrap a large integer.
+int32_t parse_token_id(const Json& v, const std::string& label, std::string_view where) {
+  const bool in_range = v.is_number_unsigned()  ? v.get<uint64_t>() <= INT32_MAX
+                        : v.is_number_integer() ? v.get<int64_t>() >= 0 && v.get<int64_t>() <= INT32_MAX
+                                                : false;
+  if (!in_range) bad(label, fmt::format("{}: a token id must be an integer in [0, 2^31), got {}", where, v.dump()));
+  return static_cast<int32_t>(v.get<int64_t>());
+}
+
 void append_utf8(std::string& out, uint32_t cp) {
   if (cp < 0x80) {
     out += static_cast<char>(cp);
@@ -210,7 +221,8 @@ struct BpeTokenizer::Impl {
         } else if (item.contains("SpecialToken")) {
           const std::string name = item["SpecialToken"].at("id").get<std::string>();
           const Json& spec = p.at("special_tokens").at(name);
-          for (const Json& id : spec.at("ids")) (seen_a ? suffix_ids : prefix_ids).push_back(id.get<int32_t>());
+          for (const Json& id : spec.at("ids"))
+            (seen_a ? suffix_ids : prefix_ids).push_back(parse_token_id(id, label, "post_processor ids"));
         }
       }
     } else if (type != "ByteLevel") {
@@ -333,8 +345,9 @@ std::unique_ptr<BpeTokenizer> BpeTokenizer::parse(const std::string& json_text, 
     }
     m.ignore_merges = model.value("ignore_merges", false);
     for (const auto& [text, id] : model.at("vocab").items()) {
-      m.vocab[text] = id.get<int32_t>();
-      m.set_token(id.get<int32_t>(), text);
+      const int32_t value = parse_token_id(id, label, "model.vocab");
+      m.vocab[text] = value;
+      m.set_token(value, text);
     }
     int32_t rank = 0;
     for (const Json& merge : model.at("merges")) {
@@ -357,8 +370,8 @@ std::unique_ptr<BpeTokenizer> BpeTokenizer::parse(const std::string& json_text, 
     }
     if (j.contains("added_tokens")) {
       for (const Json& a : j["added_tokens"]) {
-        AddedToken tok{a.at("content").get<std::string>(), a.at("id").get<int32_t>(), a.value("special", false),
-                       a.value("lstrip", false), a.value("rstrip", false)};
+        AddedToken tok{a.at("content").get<std::string>(), parse_token_id(a.at("id"), label, "added_tokens"),
+                       a.value("special", false), a.value("lstrip", false), a.value("rstrip", false)};
         UNS_CHECK_KIND(kInvalidArgument, !tok.content.empty(), "{}: an added token is empty", label);
         m.set_token(tok.id, tok.content);
         m.vocab[tok.content] = tok.id;
