@@ -162,14 +162,20 @@ TEST(BpeTokenizer, HuggingFaceFileFeatures) {
   }
 }
 
-// Token ids in tokenizer.json must be integers in [0, 2^31): a float id out of int's range was
+// Token ids in tokenizer.json must be integers in [0, 2^22): a float id out of int's range was
 // undefined behaviour (json's conversion; found by fuzz_tokenizer_bpe, 3.3e48), a negative or
-// too large one wrapped. Each is an Error naming the field.
+// too large one wrapped, and an id of 2^31 - 1 sized the id table at 2^31 strings (the
+// fuzzer's out-of-memory). Each is an Error naming the field; a sparse id above any real
+// vocabulary (300,000) still loads.
 TEST(BpeTokenizer, TokenIdsOutOfRangeAreErrorsNamingTheField) {
   const nlohmann::json base = nlohmann::json::parse(train_bpe_tokenizer_json("", 256, "", {}, false));
   EXPECT_NO_THROW(BpeTokenizer::parse(base.dump(), "edited"));
+  nlohmann::json sparse = base;
+  sparse["added_tokens"] = {{{"id", 300000}, {"content", "<x>"}, {"special", true}}};
+  EXPECT_EQ(BpeTokenizer::parse(sparse.dump(), "edited")->vocab_size(), 300001);
   for (const nlohmann::json& id : {nlohmann::json(3.33333e48), nlohmann::json(2.5), nlohmann::json(-1),
                                    nlohmann::json(int64_t{1} << 31), nlohmann::json(uint64_t{1} << 63),
+                                   nlohmann::json(INT32_MAX), nlohmann::json(int64_t{1} << 22),
                                    nlohmann::json("7")}) {
     SCOPED_TRACE(id.dump());
     for (const char* field : {"model.vocab", "added_tokens"}) {
@@ -186,6 +192,33 @@ TEST(BpeTokenizer, TokenIdsOutOfRangeAreErrorsNamingTheField) {
         EXPECT_EQ(e.kind(), ErrorKind::kInvalidArgument);
         EXPECT_NE(std::string(e.what()).find(field), std::string::npos) << e.what();
       }
+    }
+  }
+}
+
+// Found by fuzz_tokenizer_bpe (a misspelt "added_tokens"): a TemplateProcessing id that names
+// no token was handed out by encode, outside [0, vocab_size()). Now the load refuses it.
+TEST(BpeTokenizer, TemplateIdsOutsideTheVocabularyAreErrorsNamingTheToken) {
+  const nlohmann::json base = nlohmann::json::parse(train_bpe_tokenizer_json("", 258, "", {"<s>", "</s>"}, true));
+  const auto good = BpeTokenizer::parse(base.dump(), "edited");
+  const std::vector<int32_t> ids = good->encode("hi", true);
+  ASSERT_FALSE(ids.empty());
+  EXPECT_EQ(ids.front(), 256);  // <s>, the first added token, prefixed by the template
+  nlohmann::json no_added = base;
+  no_added.erase("added_tokens");
+  nlohmann::json past_end = base;
+  past_end["post_processor"]["special_tokens"]["<s>"]["ids"] = {100000};
+  nlohmann::json hole = base;  // an id below the size that no token holds
+  hole["added_tokens"][0]["id"] = 300;
+  hole["post_processor"]["special_tokens"]["<s>"]["ids"] = {299};
+  for (const auto& [name, j] : {std::pair{"no added_tokens", no_added}, {"past the end", past_end}, {"a hole", hole}}) {
+    SCOPED_TRACE(name);
+    try {
+      BpeTokenizer::parse(j.dump(), "edited");
+      ADD_FAILURE() << "no error";
+    } catch (const Error& e) {
+      EXPECT_EQ(e.kind(), ErrorKind::kInvalidArgument);
+      EXPECT_NE(std::string(e.what()).find("post_processor special token '<s>'"), std::string::npos) << e.what();
     }
   }
 }

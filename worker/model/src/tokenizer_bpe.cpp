@@ -33,14 +33,19 @@ const char* const kGpt2Pattern = R"('s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?
   fail(ErrorKind::kInvalidArgument, fmt::format("{}: {}", label, what));
 }
 
-// A token id from the file: an integer in [0, 2^31). json's get<int32_t> would convert a float
-// out of int's range (undefined behaviour: fuzz_tokenizer_bpe found a vocab id 3.3e48) and
-// wrap a large integer.
+// A token id from the file: an integer in [0, kMaxTokenIds). json's get<int32_t> would convert
+// a float out of int's range (undefined behaviour: fuzz_tokenizer_bpe found a vocab id 3.3e48)
+// and wrap a large integer. The bound keeps the id -> token table small: it is sized by the
+// largest id, and one id of 2^31 - 1 asked for 2^31 strings (64 GiB; found by the fuzzer as an
+// out-of-memory). 2^22 is 16x the largest vocabulary in use (262,144 ids).
+constexpr int64_t kMaxTokenIds = int64_t{1} << 22;
 int32_t parse_token_id(const Json& v, const std::string& label, std::string_view where) {
-  const bool in_range = v.is_number_unsigned()  ? v.get<uint64_t>() <= INT32_MAX
-                        : v.is_number_integer() ? v.get<int64_t>() >= 0 && v.get<int64_t>() <= INT32_MAX
+  const bool in_range = v.is_number_unsigned()  ? v.get<uint64_t>() < static_cast<uint64_t>(kMaxTokenIds)
+                        : v.is_number_integer() ? v.get<int64_t>() >= 0 && v.get<int64_t>() < kMaxTokenIds
                                                 : false;
-  if (!in_range) bad(label, fmt::format("{}: a token id must be an integer in [0, 2^31), got {}", where, v.dump()));
+  if (!in_range) {
+    bad(label, fmt::format("{}: a token id must be an integer in [0, {}), got {}", where, kMaxTokenIds, v.dump()));
+  }
   return static_cast<int32_t>(v.get<int64_t>());
 }
 
@@ -221,8 +226,17 @@ struct BpeTokenizer::Impl {
         } else if (item.contains("SpecialToken")) {
           const std::string name = item["SpecialToken"].at("id").get<std::string>();
           const Json& spec = p.at("special_tokens").at(name);
-          for (const Json& id : spec.at("ids"))
-            (seen_a ? suffix_ids : prefix_ids).push_back(parse_token_id(id, label, "post_processor ids"));
+          for (const Json& id : spec.at("ids")) {
+            const int32_t value = parse_token_id(id, label, "post_processor ids");
+            // Parsed after the vocabulary and added_tokens: a template id must name one of
+            // them, or encode would hand out an id the tokenizer does not have (found by
+            // fuzz_tokenizer_bpe: a misspelt "added_tokens" left the template's <s> dangling).
+            if (static_cast<size_t>(value) >= id_to_token.size() || id_to_token[static_cast<size_t>(value)].empty()) {
+              bad(label, fmt::format("post_processor special token '{}' has id {}, which is not in the vocabulary "
+                                     "or added_tokens ({} ids)", name, value, id_to_token.size()));
+            }
+            (seen_a ? suffix_ids : prefix_ids).push_back(value);
+          }
         }
       }
     } else if (type != "ByteLevel") {
