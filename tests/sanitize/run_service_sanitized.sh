@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The service suites (ctest -L service: router, coordinator process, engine, the e2e suites with
-# real coordinator and `mpirun` worker processes, faults; not the soak, whose RSS bound ASan's
-# 256 MB free-memory quarantine would break by design) built with ASan and
+# The service suites (ctest -L 'service|faults': router, coordinator process, engine, the e2e
+# suites with real coordinator and `mpirun` worker processes, the fault cases; not the soak,
+# whose RSS bound ASan's 256 MB free-memory quarantine would break by design) built with ASan and
 # UBSan (UNS_SANITIZE, cmake/sanitize.cmake; CUDA off) in a build directory of their own.
 # Every sanitized process (tests, coordinators, workers, the CLI) writes its reports to one
 # folder (ASAN_OPTIONS/UBSAN_OPTIONS log_path), so a report from a child process that a test
@@ -39,7 +39,7 @@ export UBSAN_OPTIONS="log_path=$reports/ubsan:print_stacktrace=1:halt_on_error=1
 export LSAN_OPTIONS="suppressions=$suppressions:print_suppressions=0"
 status=0
 # shellcheck disable=SC2086  # CTEST_ARGS holds several words on purpose
-ctest --test-dir "$build_dir" -L service -LE soak --output-on-failure -j "$jobs" --timeout 900 ${CTEST_ARGS:-} || status=$?
+ctest --test-dir "$build_dir" -L 'service|faults' -LE soak --output-on-failure -j "$jobs" --timeout 900 ${CTEST_ARGS:-} || status=$?
 found=$(find "$reports" -type f | sort)
 if [ -n "$found" ]; then
   echo "run_service_sanitized: sanitizer reports ($(echo "$found" | wc -l) files):"
