@@ -26,13 +26,26 @@ __global__ void gather_kernel(GatherParams p) {
   }
 }
 
-// blockDim.x == kRmsThreads; one block per row.
-constexpr int kRmsThreads = 256;
-__global__ void rms_norm_kernel(RmsNormParams p) {
+// blockDim.x == kRmsThreads; one block per row. 1024 threads and float4 loads: at decode
+// (n = 1) one block is the whole kernel, and with 256 threads looping over D = 4096 each
+// thread waited on 16 dependent loads (14 us per norm on an H200, 2 a layer; ncu, 2026-12-04).
+constexpr int kRmsThreads = 1024;
+__global__ void __launch_bounds__(kRmsThreads) rms_norm_kernel(RmsNormParams p) {
   __shared__ float partial[kRmsThreads / 32];
   const float* x = p.x + blockIdx.x * p.D;
+  // float4 when every row starts 16-byte aligned (cudaMalloc'd base, D % 4 == 0).
+  const bool vec = p.D % 4 == 0 && reinterpret_cast<uintptr_t>(p.x) % 16 == 0 &&
+                   reinterpret_cast<uintptr_t>(p.weight) % 16 == 0;
+  const int64_t step = vec ? 4 : 1;
   float sum = 0;
-  for (int64_t c = threadIdx.x; c < p.D; c += blockDim.x) sum += x[c] * x[c];
+  for (int64_t c = threadIdx.x * step; c < p.D; c += static_cast<int64_t>(blockDim.x) * step) {
+    if (vec) {
+      const float4 v = *reinterpret_cast<const float4*>(x + c);
+      sum += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+    } else {
+      sum += x[c] * x[c];
+    }
+  }
   for (int offset = 16; offset > 0; offset >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
   if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = sum;
   __syncthreads();
@@ -45,7 +58,9 @@ __global__ void rms_norm_kernel(RmsNormParams p) {
   // rsqrtf is ~2 ulp; 1/sqrtf keeps the fp32 path within the 1e-4 parity bound with margin.
   const float scale = 1.0f / sqrtf(partial[0] / static_cast<float>(p.D) + p.eps);
   const int64_t row = static_cast<int64_t>(blockIdx.x) * p.D;
-  for (int64_t c = threadIdx.x; c < p.D; c += blockDim.x) store_from_float(p.out, p.out_dtype, row + c, p.weight[c] * (x[c] * scale));
+  for (int64_t c = threadIdx.x * step; c < p.D; c += static_cast<int64_t>(blockDim.x) * step) {
+    for (int64_t j = c; j < c + step; ++j) store_from_float(p.out, p.out_dtype, row + j, p.weight[j] * (x[j] * scale));
+  }
 }
 
 __global__ void split_qkv_kernel(SplitQkvParams p) {
