@@ -16,6 +16,23 @@ unsigned blocks_for(int64_t elements) {
 
 }  // namespace
 
+bool gemv_supported(const GemvParams& p) {
+  const auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
+  return (p.dtype == DType::kBF16 || p.dtype == DType::kF16) && p.cols > 0 && p.cols % 8 == 0 && aligned(p.W) &&
+         aligned(p.x) && p.rows > 0 && p.rows <= int64_t{65535} * (kGemvThreads / 32);
+}
+
+cudaError_t launch_gemv(const GemvParams& p, cudaStream_t stream) {
+  if (!gemv_supported(p)) return cudaErrorInvalidValue;
+  const auto blocks = static_cast<unsigned>((p.rows + kGemvThreads / 32 - 1) / (kGemvThreads / 32));
+  if (p.dtype == DType::kBF16) {
+    gemv_kernel<__nv_bfloat16><<<blocks, kGemvThreads, 0, stream>>>(p);
+  } else {
+    gemv_kernel<__half><<<blocks, kGemvThreads, 0, stream>>>(p);
+  }
+  return cudaGetLastError();
+}
+
 cudaError_t launch_gather(const GatherParams& p, cudaStream_t stream) {
   if (p.n * p.D == 0) return cudaSuccess;
   gather_kernel<<<blocks_for(p.n * p.D), kThreads, 0, stream>>>(p);

@@ -63,6 +63,44 @@ __global__ void __launch_bounds__(kRmsThreads) rms_norm_kernel(RmsNormParams p) 
   }
 }
 
+// One warp per row of W: each lane reads 8 values (16 bytes) of the row and of x per step,
+// four steps in flight, float32 sums reduced across the warp.
+constexpr int kGemvThreads = 256;
+constexpr int kGemvUnroll = 4;
+template <typename T>
+__device__ __forceinline__ float dot8(const uint4& w, const uint4& x) {
+  const auto* wp = reinterpret_cast<const T*>(&w);
+  const auto* xp = reinterpret_cast<const T*>(&x);
+  float sum = 0;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) sum += static_cast<float>(wp[i]) * static_cast<float>(xp[i]);
+  return sum;
+}
+template <typename T>
+__global__ void __launch_bounds__(kGemvThreads) gemv_kernel(GemvParams p) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * (kGemvThreads / 32) + threadIdx.x / 32;
+  if (row >= p.rows) return;
+  const int lane = static_cast<int>(threadIdx.x % 32);
+  const int64_t vecs = p.cols / 8;  // 16-byte vectors per row
+  const auto* w = reinterpret_cast<const uint4*>(static_cast<const T*>(p.W) + row * p.cols);
+  const auto* x = reinterpret_cast<const uint4*>(p.x);
+  float sum = 0;
+  int64_t v = lane;
+  for (; v + 32 * (kGemvUnroll - 1) < vecs; v += 32 * kGemvUnroll) {
+    uint4 wv[kGemvUnroll], xv[kGemvUnroll];
+#pragma unroll
+    for (int u = 0; u < kGemvUnroll; ++u) {
+      wv[u] = __ldcs(w + v + 32 * u);  // streamed once: keep it out of L1/L2's way
+      xv[u] = __ldg(x + v + 32 * u);
+    }
+#pragma unroll
+    for (int u = 0; u < kGemvUnroll; ++u) sum += dot8<T>(wv[u], xv[u]);
+  }
+  for (; v < vecs; v += 32) sum += dot8<T>(__ldcs(w + v), __ldg(x + v));
+  for (int offset = 16; offset > 0; offset >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+  if (lane == 0) p.y[row] = p.accumulate ? p.y[row] + sum : sum;
+}
+
 __global__ void split_qkv_kernel(SplitQkvParams p) {
   const int64_t width = p.Wq + 2 * p.Wkv;
   for (int64_t i = grid_index(); i < p.n * width; i += grid_stride()) {

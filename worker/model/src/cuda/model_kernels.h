@@ -70,7 +70,22 @@ struct CastParams {
   DType out_dtype = DType::kBF16;
 };
 
+// Decode's matrix-vector product, one token: y[r] = sum_c W[r, c] * x[c] (+ y[r] when
+// accumulate), 16-bit W and x, float32 accumulate and y. One warp per row, 16-byte loads;
+// for the n = 1 GEMMs that cuBLAS runs at 51-81% of bandwidth (split-K where it accumulates).
+// gemv_supported says whether the shapes and pointers fit (else use the GEMM).
+struct GemvParams {
+  const void* W = nullptr;  // [rows, cols], dtype (BF16 or F16), rows 16-byte aligned
+  const void* x = nullptr;  // [cols], dtype
+  float* y = nullptr;       // [rows]
+  int64_t rows = 0, cols = 0;
+  DType dtype = DType::kBF16;
+  bool accumulate = false;
+};
+bool gemv_supported(const GemvParams& p);
+
 cudaError_t launch_gather(const GatherParams& p, cudaStream_t stream);
+cudaError_t launch_gemv(const GemvParams& p, cudaStream_t stream);
 cudaError_t launch_rms_norm(const RmsNormParams& p, cudaStream_t stream);
 cudaError_t launch_split_qkv(const SplitQkvParams& p, cudaStream_t stream);
 cudaError_t launch_bias_add(const BiasAddParams& p, cudaStream_t stream);
