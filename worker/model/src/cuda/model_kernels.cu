@@ -19,7 +19,7 @@ unsigned blocks_for(int64_t elements) {
 bool gemv_supported(const GemvParams& p) {
   const auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
   return (p.dtype == DType::kBF16 || p.dtype == DType::kF16) && p.cols > 0 && p.cols % 8 == 0 && aligned(p.W) &&
-         aligned(p.x) && p.rows > 0 && p.rows <= int64_t{65535} * (kGemvThreads / 32);
+         aligned(p.x) && p.rows > 0 && p.rows <= INT32_MAX;
 }
 
 cudaError_t launch_gemv(const GemvParams& p, cudaStream_t stream) {
