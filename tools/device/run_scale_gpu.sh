@@ -19,18 +19,20 @@
 # limit allows, chosen by whoever runs it).
 #   tools/device/run_scale_gpu.sh [--tokens MAX] [--full-tokens M] [--decode N] [--d-prime D]
 #                                 [--margin-gib G] [--model DIR] [--layers L] [--backend cuda|cpu]
-#                                 [--build DIR] [--deadline-s S]
+#                                 [--ranks P] [--build DIR] [--deadline-s S]
+# --ranks P: one worker group of P ranks (`mpirun -np P`, one per GPU with --backend cuda; issue
+# 14's multi-GPU service run). Every rank holds the weights and 1/P of the context's KV, so the
+# context that fits is P times one GPU's (the GPU with the least free memory), less a KV block
+# of placement slack per rank; memory is sampled and reported per GPU.
 # --model DIR skips making the model (any checkpoint; its compression weights are random).
 # --backend cpu with a small --model is the dry run of the flow on a machine without a GPU.
 # Writes $OUT/scale_summary.txt (printed last), $OUT/scale_results.json, $OUT/scale_logs.tar.gz.
-# Not yet run on a GPU: how long the 32-layer prefill of N tokens takes is unmeasured, so set
-# --tokens to what the call's time allows (prefill at the measured 5,000-10,000 tokens/s of
-# full-attention chunks, docs/benchmarks.md, would be 100-200 s for 1M tokens; ESA's scoring
-# over the whole middle adds to that).
+# Run on one H200 (2026-12-03, docs/benchmarks.md): 897,024 tokens with ESA prefilled in 119 s
+# (7,514 tokens/s), so set --tokens to what the call's time allows (P ranks: not yet run).
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 1
 
-max_tokens=1048576 full_tokens=0 decode=32 d_prime=128 margin_gib=8 model="" layers=32 backend=cuda build=""
+max_tokens=1048576 full_tokens=0 decode=32 d_prime=128 margin_gib=8 model="" layers=32 backend=cuda build="" ranks=1
 deadline_s=540
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -42,13 +44,15 @@ while [ $# -gt 0 ]; do
     --model) model=$2; shift 2 ;;
     --layers) layers=$2; shift 2 ;;
     --backend) backend=$2; shift 2 ;;
+    --ranks) ranks=$2; shift 2 ;;
     --build) build=$2; shift 2 ;;
     --deadline-s) deadline_s=$2; shift 2 ;;
-    *) echo "usage: $0 [--tokens MAX] [--full-tokens M] [--decode N] [--d-prime D] [--margin-gib G] [--model DIR] [--layers L] [--backend cuda|cpu] [--build DIR] [--deadline-s S]" >&2
+    *) echo "usage: $0 [--tokens MAX] [--full-tokens M] [--decode N] [--d-prime D] [--margin-gib G] [--model DIR] [--layers L] [--backend cuda|cpu] [--ranks P] [--build DIR] [--deadline-s S]" >&2
        exit 2 ;;
   esac
 done
 case "$backend" in cuda | cpu) ;; *) echo "--backend: cuda or cpu (got '$backend')" >&2; exit 2 ;; esac
+case "$ranks" in '' | *[!0-9]* | 0) echo "--ranks: a positive integer (got '$ranks')" >&2; exit 2 ;; esac
 
 out=${OUT:-/tmp/unshackle-scale-out}
 mkdir -p "$out"
@@ -82,7 +86,7 @@ finish() {
   local i
   for ((i = ${#started[@]} - 1; i >= 0; --i)); do stop_pid "${started[$i]}"; done
   {
-    echo "unshackle at scale: backend $backend, model ${model:-(none)}, $(elapsed) s"
+    echo "unshackle at scale: backend $backend, $ranks rank(s), model ${model:-(none)}, $(elapsed) s"
     printf '%s\n' "${rows[@]}"
     if [ "$failed" = 0 ]; then echo "RESULT: PASS"; else echo "RESULT: FAIL"; fi
   } >"$out/scale_summary.txt"
@@ -182,17 +186,22 @@ EOF
 # ---- how many tokens fit next to the weights ----
 weight_bytes=$(du -bc "$model"/*.safetensors | tail -1 | cut -f1)
 kv_bytes=$((2 * n_layers * n_kv_heads * head_dim * 2 + n_layers * d_prime * 2))
+kv_block=256  # the worker's --kv-block default: a rank may own up to one block more than 1/P
 if [ "$backend" = cuda ]; then
-  free_mib=$(nvidia-smi --query-gpu=memory.free --format=csv,noheader,nounits | head -1)
+  gpus=$(nvidia-smi -L | grep -c '^GPU')
+  [ "$gpus" -ge "$ranks" ] || { record FAIL gpu "--ranks $ranks but $gpus GPU(s) visible"; exit 1; }
+  # The rank on the GPU with the least free memory bounds every rank's share.
+  free_mib=$(nvidia-smi --query-gpu=memory.free --format=csv,noheader,nounits | head -n "$ranks" | sort -n | head -1)
   [ -n "$free_mib" ] || { record FAIL gpu "nvidia-smi gave no free memory"; exit 1; }
-  fit=$(((free_mib * 1048576 - weight_bytes - margin_gib * 1073741824) / kv_bytes / 4096 * 4096))
+  per_rank=$(((free_mib * 1048576 - weight_bytes - margin_gib * 1073741824) / kv_bytes - kv_block))
+  fit=$((per_rank * ranks / 4096 * 4096))
 else
   free_mib=0
   fit=$max_tokens
 fi
 tokens=$((fit < max_tokens ? fit : max_tokens))
 [ "$tokens" -ge 1024 ] || { record FAIL capacity "only $fit tokens would fit (free ${free_mib} MiB, weights $weight_bytes B)"; exit 1; }
-record INFO capacity "free ${free_mib} MiB, weights $((weight_bytes >> 20)) MiB, KV $kv_bytes B/token at bf16 (d' $d_prime): $fit tokens fit; running $tokens"
+record INFO capacity "$ranks rank(s); free ${free_mib} MiB (least of the GPUs), weights $((weight_bytes >> 20)) MiB a rank, KV $kv_bytes B/token at bf16 (d' $d_prime): $fit tokens fit; running $tokens"
 
 # ---- the service ----
 api_key=$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')
@@ -213,10 +222,11 @@ for _ in $(seq 1 200); do [ -s "$work/ports.json" ] && break; sleep 0.1; done
 url=http://127.0.0.1:$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["http"])' "$work/ports.json")
 worker_port=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["worker"])' "$work/ports.json")
 t0=$(date +%s)
-mpirun_flags=(--np 1 --bind-to none --mca btl "self,tcp" --mca btl_tcp_if_include lo --mca oob_tcp_if_include lo
+mpirun_flags=(--np "$ranks" --bind-to none --mca btl "self,tcp" --mca btl_tcp_if_include lo --mca oob_tcp_if_include lo
               -x NCCL_NVLS_ENABLE)
 [ "$(id -u)" = 0 ] && mpirun_flags+=(--allow-run-as-root)
 [ -n "${LD_LIBRARY_PATH:-}" ] && mpirun_flags+=(-x LD_LIBRARY_PATH)
+[ "$backend" = cpu ] && mpirun_flags+=(--oversubscribe)  # the dry run may have fewer cores than ranks
 mpirun "${mpirun_flags[@]}" "$worker_bin" --model "$model" \
   --coordinator "127.0.0.1:$worker_port" --group scale --backend "$backend" --compression "$compression" \
   --max-context-tokens "$capacity" --kv-capacity-tokens "$capacity" >"$logs/worker.log" 2>&1 &
@@ -248,8 +258,8 @@ EOF
   t0=$(date +%s)
   # GPU memory in use, sampled every second for the job's whole life (the peak is reported:
   # decode may last under a second, too short for one poll to see it).
-  ( while :; do nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits 2>/dev/null | head -1; sleep 1; done ) \
-    >"$logs/${name}_gpu_memory_samples.txt" &
+  ( while :; do nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits 2>/dev/null | head -n "$ranks" |
+      paste -sd, -; sleep 1; done ) >"$logs/${name}_gpu_memory_samples.txt" &
   local sampler=$!
   started+=("$sampler")
   job=$(http 120 "$url/v1/jobs" --data "$work/$name.request.json" | tee "$logs/${name}_job_create.json" |
@@ -288,9 +298,12 @@ print("%s: context %s tokens, prefill %s (%s tokens/s), time to first token %s, 
 EOF
 )
   local peak total
-  peak=$(sort -n "$logs/${name}_gpu_memory_samples.txt" 2>/dev/null | tail -1)
+  # Per GPU: the largest sample of each column ("a, b MiB" for two GPUs).
+  peak=$(awk -F, '{for (i = 1; i <= NF; ++i) if ($i + 0 > m[i]) m[i] = $i + 0; if (NF > n) n = NF}
+                  END {for (i = 1; i <= n; ++i) printf "%s%d", (i > 1 ? ", " : ""), m[i]}' \
+           "$logs/${name}_gpu_memory_samples.txt" 2>/dev/null)
   total=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1)
-  [ -n "$peak" ] && line="$line; GPU memory peak ${peak} MiB of ${total} MiB (nvidia-smi each second)"
+  [ -n "$peak" ] && line="$line; GPU memory peak ${peak} MiB of ${total} MiB per GPU (nvidia-smi each second)"
   [ -s "$logs/${name}_kv_gauges.txt" ] && line="$line; at decode: $(tr '\n' ' ' <"$logs/${name}_kv_gauges.txt")"
   if [ "$status" = completed ]; then record PASS "job_$name" "$line"; else record FAIL "job_$name" "$line"; fi
 }
