@@ -8,6 +8,7 @@ build=${BUILD:-/tmp/build-kernels-dev}
 targets="kernels_cuda_test worker_nccl_step bench_kernels bench_gpu_step"
 cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DUNS_ENABLE_CUDA=ON -DUNS_CUDA_ARCHS=90 \
   -DUNS_ENABLE_SERVICE=OFF -DUNS_ENABLE_BLAS=OFF -DUNS_ENABLE_MPI=ON -DUNS_ENABLE_NCCL=ON -DUNS_BUILD_BENCH=ON >/dev/null
+# shellcheck disable=SC2086  # $targets is a list of target names on purpose
 cmake --build "$build" -j "${JOBS:-2}" --target $targets
 mkdir -p .device-build/kernels
 for target in $targets; do

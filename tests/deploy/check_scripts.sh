@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Runs shellcheck over every shell script of the deploy recipes and test drivers (found by name and
-# by shebang, so a new script is checked without being listed here).
+# Runs shellcheck over every shell script of the deploy recipes, test drivers, tools and benches
+# (found by name and by shebang, so a new script is checked without being listed here).
 #   check_scripts.sh REPO_ROOT
 set -euo pipefail
 root=$1
@@ -14,9 +14,9 @@ while IFS= read -r -d '' file; do
     *.sh | *.sbatch) scripts+=("$file") ;;
     *) head -n1 "$file" | grep -Eq '^#!.*\b(ba)?sh\b' && scripts+=("$file") ;;
   esac
-done < <(find "$root/deploy" "$root/tests/deploy" "$root/tests/run.sh" -type f -print0)
+done < <(find "$root/deploy" "$root/tests" "$root/tools" "$root/bench" -type f -not -path '*/fuzz/corpus/*' -print0)
 if [ "${#scripts[@]}" -lt 3 ]; then
-  echo "FAIL found only ${#scripts[@]} scripts under deploy/ and tests/" >&2
+  echo "FAIL found only ${#scripts[@]} scripts under deploy/, tests/, tools/ and bench/" >&2
   exit 1
 fi
 shellcheck --external-sources "${scripts[@]}"

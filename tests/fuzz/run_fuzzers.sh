@@ -58,7 +58,8 @@ export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 # One fuzzer: its line goes to $work/result, its whole output to $work/log.
 run_one() {
   local fuzzer=$1 name=${1#fuzz_} rc=0 runs time_s corpus
-  local work started=$(date +%s) tree
+  local work started tree
+  started=$(date +%s)
   tree=$(pwd)
   work=$build_abs/fuzz-work/$name
   rm -rf "$work"

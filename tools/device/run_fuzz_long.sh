@@ -36,7 +36,7 @@ pack() {
       done
   done
   tar -C "$stage" -czf "$stage/fuzz.tar.gz" bin lib
-  rm -rf "$stage/bin" "$stage/lib"
+  rm -rf "${stage:?}/bin" "${stage:?}/lib"
   echo "run_fuzz_long: $(du -h "$stage/fuzz.tar.gz" | cut -f1) in $stage/fuzz.tar.gz: ${fuzzers[*]}"
 }
 

@@ -11,7 +11,7 @@
 #   BIN=dir-with-unshackle,model_cuda_test,bench_model  OUT=...  LAYERS=32  STEPS="1 2 3 4" (5: on request)
 #   tools/hf_parity/device_run.sh
 set -uo pipefail
-cd "$(dirname "$0")/../.."
+cd "$(dirname "$0")/../.." || exit 1
 bin=$(cd "${BIN:-build-model-carry}" && pwd)
 out=${OUT:?set OUT}
 steps=" ${STEPS:-1 2 3 4} "
