@@ -14,6 +14,16 @@ __global__ void convert_kernel(const void* src, DType src_dtype, void* dst, DTyp
     store_from_float(dst, dst_dtype, static_cast<int64_t>(i), load_as_float(src, src_dtype, static_cast<int64_t>(i)));
 }
 
+// blockIdx.y picks the pair's member; the grid-stride loop covers `count`.
+__global__ void convert_pair_kernel(const void* src_a, void* dst_a, const void* src_b, void* dst_b, DType src_dtype,
+                                    DType dst_dtype, size_t count) {
+  const void* src = blockIdx.y == 0 ? src_a : src_b;
+  void* dst = blockIdx.y == 0 ? dst_a : dst_b;
+  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < count;
+       i += static_cast<size_t>(gridDim.x) * blockDim.x)
+    store_from_float(dst, dst_dtype, static_cast<int64_t>(i), load_as_float(src, src_dtype, static_cast<int64_t>(i)));
+}
+
 // Block (c, y): rotate every head of query token c at position w into shared memory, then
 // one warp per output j = y * warps + warp (coalesced reads of a row of Wq), or (y = 0) the
 // GQA fold. Spreading the d' rows of Wq over d' / 8 blocks per token reads the 2 MB of Wq
@@ -77,6 +87,14 @@ void launch_convert(const void* src, DType src_dtype, void* dst, DType dst_dtype
   if (count == 0) return;
   const unsigned blocks = static_cast<unsigned>(std::min<size_t>((count + 255) / 256, 65535));
   convert_kernel<<<blocks, 256, 0, stream>>>(src, src_dtype, dst, dst_dtype, count);
+  UNS_CUDA_CHECK_LAUNCH();
+}
+
+void launch_convert_pair(const void* src_a, void* dst_a, const void* src_b, void* dst_b, DType src_dtype,
+                         DType dst_dtype, size_t count, cudaStream_t stream) {
+  if (count == 0) return;
+  const dim3 grid(static_cast<unsigned>(std::min<size_t>((count + 255) / 256, 65535)), 2);
+  convert_pair_kernel<<<grid, 256, 0, stream>>>(src_a, dst_a, src_b, dst_b, src_dtype, dst_dtype, count);
   UNS_CUDA_CHECK_LAUNCH();
 }
 

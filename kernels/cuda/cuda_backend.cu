@@ -172,6 +172,12 @@ class CudaBackend final : public Backend {
     if (src_dtype == dst_dtype) return copy_within(dst, src, count * dtype_size(src_dtype));
     cuda::launch_convert(src, src_dtype, dst, dst_dtype, count, stream_);
   }
+  void convert_pair(const void* src_a, void* dst_a, const void* src_b, void* dst_b, DType src_dtype, DType dst_dtype,
+                    size_t count) override {
+    bind();
+    if (src_dtype == dst_dtype) return Backend::convert_pair(src_a, dst_a, src_b, dst_b, src_dtype, dst_dtype, count);
+    cuda::launch_convert_pair(src_a, dst_a, src_b, dst_b, src_dtype, dst_dtype, count, stream_);
+  }
 
   void compress_query(const CompressQueryParams& p) override { bind(); cuda::launch_compress_query(p, stream_); }
   void compress_keys(const CompressKeysParams& p) override { bind(); cuda::launch_compress_keys(p, stream_); }

@@ -19,6 +19,8 @@ struct Workspace {
 };
 
 void launch_convert(const void* src, DType src_dtype, void* dst, DType dst_dtype, size_t count, cudaStream_t stream);
+void launch_convert_pair(const void* src_a, void* dst_a, const void* src_b, void* dst_b, DType src_dtype,
+                         DType dst_dtype, size_t count, cudaStream_t stream);
 void launch_compress_query(const CompressQueryParams& p, cudaStream_t stream);
 void launch_compress_keys(const CompressKeysParams& p, cudaStream_t stream);
 // A chunk over bf16 k' may take the tensor cores, which split q' into bf16 hi/lo parts in

@@ -62,6 +62,34 @@ std::vector<uint16_t> to_bf16(const std::vector<float>& x) {
   return out;
 }
 
+// convert_pair (one launch for a KV append's K and V) equals two CPU conversions bit for bit:
+// F32 -> BF16 / F16 (round to nearest even, both), BF16 -> F32, and a same-dtype copy; a
+// count that is no multiple of the block, and the two members kept apart.
+TEST_F(CudaBackendTest, ConvertPairEqualsTwoConversionsExactly) {
+  const size_t count = 4099;
+  const std::vector<float> a = normal_vector(count, 11, 3.0f), b = normal_vector(count, 12, 0.01f);
+  for (const auto& [from, to] : {std::pair{DType::kF32, DType::kBF16}, std::pair{DType::kF32, DType::kF16},
+                                std::pair{DType::kF32, DType::kF32}}) {
+    const size_t out_bytes = count * dtype_size(to);
+    std::vector<unsigned char> want_a(out_bytes), want_b(out_bytes);
+    cpu->convert(a.data(), from, want_a.data(), to, count);
+    cpu->convert(b.data(), from, want_b.data(), to, count);
+    BackendBuffer da = upload(a), db = upload(b), out_a(*gpu, out_bytes), out_b(*gpu, out_bytes);
+    gpu->convert_pair(da.data(), out_a.data(), db.data(), out_b.data(), from, to, count);
+    EXPECT_EQ(download<unsigned char>(out_a, out_bytes), want_a) << dtype_name(from) << " -> " << dtype_name(to);
+    EXPECT_EQ(download<unsigned char>(out_b, out_bytes), want_b) << dtype_name(from) << " -> " << dtype_name(to);
+    if (to == DType::kBF16) {  // and back: BF16 -> F32
+      std::vector<float> back_a(count), back_b(count);
+      cpu->convert(want_a.data(), to, back_a.data(), DType::kF32, count);
+      cpu->convert(want_b.data(), to, back_b.data(), DType::kF32, count);
+      BackendBuffer fa(*gpu, count * 4), fb(*gpu, count * 4);
+      gpu->convert_pair(out_a.data(), fa.data(), out_b.data(), fb.data(), to, DType::kF32, count);
+      EXPECT_EQ(download<float>(fa, count), back_a);
+      EXPECT_EQ(download<float>(fb, count), back_b);
+    }
+  }
+}
+
 TEST_F(CudaBackendTest, CompressQueryAndKeys) {
   const int l_C = 3, H = 8, G = 2, d = 64, d_c = 32;
   const auto q = normal_vector(l_C * H * d, 1), wq = normal_vector(d_c * H * d, 2, 0.05f);

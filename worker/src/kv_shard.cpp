@@ -87,8 +87,8 @@ void KvShard::append(int layer_index, int64_t t0, int64_t n, const float* k, con
       const auto row = static_cast<int64_t>(layer.tokens.size());
       reserve_kv(layer, row + count);
       const size_t src = static_cast<size_t>(t - t0) * head_row, dst = static_cast<size_t>(row) * half_row;
-      backend_.convert(k + src, DType::kF32, byte_ptr(layer.k, dst), options_.kv_dtype, static_cast<size_t>(count) * head_row);
-      backend_.convert(v + src, DType::kF32, byte_ptr(layer.v, dst), options_.kv_dtype, static_cast<size_t>(count) * head_row);
+      backend_.convert_pair(k + src, byte_ptr(layer.k, dst), v + src, byte_ptr(layer.v, dst), DType::kF32,
+                            options_.kv_dtype, static_cast<size_t>(count) * head_row);
       // The host list first, then its new tail to the device (queued by the CUDA backend).
       for (int64_t i = 0; i < count; ++i) layer.tokens.push_back(t + i);
       backend_.copy_to_backend(byte_ptr(layer.tokens_buf, static_cast<size_t>(row) * sizeof(int64_t)),

@@ -55,6 +55,13 @@ class Backend {
   virtual void* native_stream() const { return nullptr; }
   // Element-wise dtype conversion within backend memory (F32 <-> BF16/F16, or a copy).
   virtual void convert(const void* src, DType src_dtype, void* dst, DType dst_dtype, size_t count) = 0;
+  // Two conversions of one shape (a KV append's K and V): one launch where the backend can
+  // (a decode token's two conversions are launch-bound, ~3 us each on an H100).
+  virtual void convert_pair(const void* src_a, void* dst_a, const void* src_b, void* dst_b, DType src_dtype,
+                            DType dst_dtype, size_t count) {
+    convert(src_a, src_dtype, dst_a, dst_dtype, count);
+    convert(src_b, src_dtype, dst_b, dst_dtype, count);
+  }
 
   // The operations of SPEC §3-§5; see params.h for shapes and meaning.
   virtual void compress_query(const CompressQueryParams& p) = 0;
