@@ -473,13 +473,17 @@ void ContextAttention::attend_and_merge(int layer, const Segments& seg, const fl
   };
 
   BackendBuffer& send = scratch(kSend, send_floats * sizeof(float));
+  // One rank: its o is the answer, written straight to `o` (a one-part merge is an exact copy);
+  // the lse still goes to send, where record_share reads it.
+  const int P = comm_.size();
+  float* const rank_o = P == 1 ? o : send.as<float>();
   if (cfg.mode == AttentionMode::kFull) {  // causal over everything, absolute positions
     const auto [r0, r1] = shard_->owned_rows(layer, 0, seg.c_end);
     contiguous(r0, r1);
     attend.causal = true;
     attend.positions = PositionScheme::kRelative;
     attend.origin = 0;
-    attend.o = send.as<float>();
+    attend.o = rank_o;
     attend.lse = send.as<float>() + o_count;
     backend_.attend(attend);
     stats.attended_local_rows = r1 - r0;
@@ -550,17 +554,14 @@ void ContextAttention::attend_and_merge(int layer, const Segments& seg, const fl
     attend.lse = lse_parts + static_cast<size_t>(n_parts - 1) * static_cast<size_t>(out_rows);
     backend_.attend(attend);
     backend_.merge({.o_parts = o_parts, .lse_parts = lse_parts, .n_parts = n_parts, .rows = out_rows,
-                    .d = options_.d, .o = send.as<float>(), .lse = send.as<float>() + o_count});
+                    .d = options_.d, .o = rank_o, .lse = send.as<float>() + o_count});
     if (share)
       backend_.copy_within(send.as<float>() + part_floats, lse_parts, 3 * static_cast<size_t>(out_rows) * sizeof(float));
     stats.attended_local_rows = global_rows + (l1 - l0);
   }
 
   // Merge across ranks: gather every rank's [o | lse], lay them out as parts, LSE-merge.
-  const int P = comm_.size();
-  if (P == 1) {  // [o | lse] already is the one-part layout: merge in place of gather + copies
-    backend_.merge({.o_parts = send.as<float>(), .lse_parts = send.as<float>() + o_count, .n_parts = 1,
-                    .rows = out_rows, .d = options_.d, .o = o});
+  if (P == 1) {  // o is written: no gather, no merge
     if (share) record_share(send.as<float>(), 1, send_floats, o_count, out_rows, stats);
     return;
   }
