@@ -24,23 +24,36 @@ void blas_ok(cublasStatus_t status, const char* what) {
                  static_cast<int>(status), cublasGetStatusString(status));
 }
 
-// One cudaMalloc'd allocation (RAII).
+// One cudaMalloc'd allocation (RAII), or with pinned_host() one cudaMallocHost'd (page-locked
+// host memory: copies to and from it are DMA, without the driver's staging through pageable).
 class DeviceMemory {
  public:
   DeviceMemory() = default;
   explicit DeviceMemory(size_t bytes) : bytes_(bytes) {
     if (bytes) cuda_ok(cudaMalloc(&ptr_, bytes), "cudaMalloc");
   }
-  DeviceMemory(DeviceMemory&& o) noexcept : ptr_(o.ptr_), bytes_(o.bytes_) { o.ptr_ = nullptr; o.bytes_ = 0; }
+  static DeviceMemory pinned_host(size_t bytes) {
+    DeviceMemory m;
+    m.bytes_ = bytes;
+    m.host_ = true;
+    if (bytes) cuda_ok(cudaMallocHost(&m.ptr_, bytes), "cudaMallocHost");
+    return m;
+  }
+  DeviceMemory(DeviceMemory&& o) noexcept : ptr_(o.ptr_), bytes_(o.bytes_), host_(o.host_) {
+    o.ptr_ = nullptr;
+    o.bytes_ = 0;
+  }
   DeviceMemory& operator=(DeviceMemory&& o) noexcept {
     std::swap(ptr_, o.ptr_);
     std::swap(bytes_, o.bytes_);
+    std::swap(host_, o.host_);
     return *this;
   }
   DeviceMemory(const DeviceMemory&) = delete;
   DeviceMemory& operator=(const DeviceMemory&) = delete;
   ~DeviceMemory() {
-    if (ptr_) cudaFree(ptr_);
+    if (ptr_ && host_) cudaFreeHost(ptr_);
+    else if (ptr_) cudaFree(ptr_);
   }
   void* get() const { return ptr_; }
   template <typename T> T* as() const { return static_cast<T*>(ptr_); }
@@ -49,6 +62,7 @@ class DeviceMemory {
  private:
   void* ptr_ = nullptr;
   size_t bytes_ = 0;
+  bool host_ = false;
 };
 
 cudaDataType_t cuda_type(DType dtype) {
@@ -85,10 +99,14 @@ struct CudaModel::Impl {
     DeviceMemory w_gate_up;   // [2I, D] (rows of w_gate, then w_up)
     DeviceMemory w_down;      // [D, I]
     DeviceMemory attn_norm, mlp_norm;              // [D] f32
-    DeviceMemory bq, bk, bv, bo, b_gate, b_up, b_down;  // f32, empty when absent
+    DeviceMemory bqkv;        // [Wq + 2 Wkv] f32: bq | bk | bv (zeros for an absent part), empty without any
+    DeviceMemory bo, b_gate, b_up, b_down;  // f32, empty when absent
   };
 
   DType wdtype = DType::kF32;
+  // One token (decode) runs the layers' projections as our GEMVs, with the bias, the SwiGLU
+  // and the cast of the attention output fused in (16-bit weights, widths a multiple of 8).
+  bool decode_gemv = false;
   cudaStream_t stream = nullptr;
   cublasHandle_t blas = nullptr;
   // Attention queues on the backend's stream; these order it against ours without a host wait
@@ -108,6 +126,12 @@ struct CudaModel::Impl {
   DeviceMemory gate_up;     // [rows, 2I] f32
   DeviceMemory logits;      // [logit_rows, V] f32
   int64_t logit_rows = 0;
+  // Pinned staging for a decode step's transfers (ids in, one row of logits out): a pageable
+  // copy of 513 KB of Llama-3 logits goes through the driver's staging, on the critical path
+  // of every token. Larger chunks copy from and to pageable memory directly.
+  static constexpr int64_t kPinnedRows = 8;
+  DeviceMemory ids_pinned;     // [kPinnedRows] int32, pinned host
+  DeviceMemory logits_pinned;  // [kPinnedRows, V] f32, pinned host
 
   ~Impl() {
     if (stream) cudaStreamSynchronize(stream);
@@ -142,20 +166,9 @@ struct CudaModel::Impl {
 
   // y[n, out] = x[n, in] · W[out, in]^T (+ y when accumulate). cuBLAS is column-major: the
   // row-major y^T = W · x^T is C = op(A) B with A = W read as [in, out] (transposed) and
-  // B = x read as [in, n]. Float32 accumulation, no TF32. One token (decode) with 16-bit
-  // weights goes to our GEMV where `gemv` allows it: cuBLAS read the layers' q/k/v, o and
-  // down weights at 51-81% of bandwidth there (ncu, H200; gate/up, at 96%, takes the same path,
-  // not timed alone); its lm_head is at 99% (gemv false).
-  void gemm(const void* W, const void* x_in, float* y, int64_t n, int64_t in, int64_t out, bool accumulate,
-            bool gemv = true) {
-    if (gemv && n == 1) {
-      const cuda_model::GemvParams p{.W = W, .x = x_in, .y = y, .rows = out, .cols = in, .dtype = wdtype,
-                                     .accumulate = accumulate};
-      if (cuda_model::gemv_supported(p)) {
-        cuda_ok(cuda_model::launch_gemv(p, stream), "gemv");
-        return;
-      }
-    }
+  // B = x read as [in, n]. Float32 accumulation, no TF32. Chunks and the lm_head (99% of
+  // bandwidth at one token, ncu, H200); a decode layer's projections go to gemv below.
+  void gemm(const void* W, const void* x_in, float* y, int64_t n, int64_t in, int64_t out, bool accumulate) {
     UNS_CHECK(n <= INT_MAX && in <= INT_MAX && out <= INT_MAX, "CUDA model: GEMM sizes beyond int");
     const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
     const cudaDataType_t t = cuda_type(wdtype);
@@ -163,6 +176,12 @@ struct CudaModel::Impl {
                          static_cast<int>(in), &alpha, W, t, static_cast<int>(in), x_in, t, static_cast<int>(in),
                          &beta, y, CUDA_R_32F, static_cast<int>(out), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
             "cublasGemmEx");
+  }
+  // One token's projections: cuBLAS read the layers' q/k/v, o and down weights at 51-81% of
+  // bandwidth there (split-K + a reduce where it accumulates; ncu, H200).
+  void gemv(cuda_model::GemvParams p) {
+    p.dtype = wdtype;
+    cuda_ok(cuda_model::launch_gemv(p, stream), "gemv");
   }
 
   void reserve(const ModelConfig& c, int64_t n) {
@@ -206,12 +225,19 @@ CudaModel::CudaModel(std::shared_ptr<const Model> model, int device, DType weigh
   cuda_ok(cudaSetDevice(device), "cudaSetDevice");
   Impl& m = *impl_;
   m.wdtype = weight_dtype;
+  {
+    const ModelConfig& c = model_->config();
+    const int64_t Wq = int64_t{c.heads} * c.head_dim;
+    m.decode_gemv = weight_dtype != DType::kF32 && c.hidden % 8 == 0 && Wq % 8 == 0 && c.intermediate % 8 == 0;
+  }
   cuda_ok(cudaStreamCreateWithFlags(&m.stream, cudaStreamNonBlocking), "cudaStreamCreate");
   cuda_ok(cudaEventCreateWithFlags(&m.qkv_ready, cudaEventDisableTiming), "cudaEventCreate");
   cuda_ok(cudaEventCreateWithFlags(&m.attention_done, cudaEventDisableTiming), "cudaEventCreate");
   blas_ok(cublasCreate(&m.blas), "cublasCreate");
   blas_ok(cublasSetStream(m.blas, m.stream), "cublasSetStream");
   blas_ok(cublasSetMathMode(m.blas, CUBLAS_DEFAULT_MATH), "cublasSetMathMode");  // no TF32
+  m.ids_pinned = DeviceMemory::pinned_host(static_cast<size_t>(Impl::kPinnedRows) * 4);
+  m.logits_pinned = DeviceMemory::pinned_host(static_cast<size_t>(Impl::kPinnedRows * model_->config().vocab) * 4);
 
   const ModelConfig& c = model_->config();
   const ModelWeights& w = model_->weights();
@@ -228,9 +254,14 @@ CudaModel::CudaModel(std::shared_ptr<const Model> model, int device, DType weigh
     d.w_down = m.upload({&L.w_down}, weight_dtype);
     d.attn_norm = m.upload_f32(L.attn_norm);
     d.mlp_norm = m.upload_f32(L.mlp_norm);
-    d.bq = m.upload_f32(L.bq);
-    d.bk = m.upload_f32(L.bk);
-    d.bv = m.upload_f32(L.bv);
+    if (!L.bq.empty() || !L.bk.empty() || !L.bv.empty()) {
+      const size_t Wq = static_cast<size_t>(c.heads) * c.head_dim, Wkv = static_cast<size_t>(c.kv_heads) * c.head_dim;
+      std::vector<float> bqkv(Wq + 2 * Wkv, 0.0f);
+      std::copy(L.bq.begin(), L.bq.end(), bqkv.begin());
+      std::copy(L.bk.begin(), L.bk.end(), bqkv.begin() + static_cast<ptrdiff_t>(Wq));
+      std::copy(L.bv.begin(), L.bv.end(), bqkv.begin() + static_cast<ptrdiff_t>(Wq + Wkv));
+      d.bqkv = m.upload_f32(bqkv);
+    }
     d.bo = m.upload_f32(L.bo);
     d.b_gate = m.upload_f32(L.b_gate);
     d.b_up = m.upload_f32(L.b_up);
@@ -267,58 +298,91 @@ void CudaModel::forward_chunk(ContextAttention& context, std::span<const int32_t
   auto* const attention_stream = static_cast<cudaStream_t>(context.backend().native_stream());
   const DType wd = m.wdtype;
   const auto eps = static_cast<float>(c.rms_eps);
-  cuda_ok(cudaMemcpyAsync(m.ids.get(), tokens.data(), static_cast<size_t>(n) * 4, cudaMemcpyHostToDevice, s), "ids");
+  const void* ids_src = tokens.data();
+  if (n <= Impl::kPinnedRows) {  // no copy from it is pending: every call that returned ended synchronized
+    std::copy(tokens.begin(), tokens.end(), m.ids_pinned.as<int32_t>());
+    ids_src = m.ids_pinned.get();
+  }
+  cuda_ok(cudaMemcpyAsync(m.ids.get(), ids_src, static_cast<size_t>(n) * 4, cudaMemcpyHostToDevice, s), "ids");
   cuda_ok(cuda_model::launch_gather({.ids = m.ids.as<int32_t>(), .table = m.embed.get(), .out = m.x.as<float>(), .n = n,
                                      .D = D, .table_dtype = wd}, s), "gather");
+  // One token with 16-bit weights: GEMVs with the bias, the SwiGLU and the cast fused in, and
+  // q, k, v read in place from the q|k|v row (3 kernels a layer fewer than a chunk's path).
+  const bool decode = n == 1 && m.decode_gemv;
   for (int layer = 0; layer < c.layers; ++layer) {
     const Impl::Layer& L = m.layers[static_cast<size_t>(layer)];
+    const float* bqkv = L.bqkv.as<float>();  // null when the model has no q/k/v bias
     // Attention block.
     cuda_ok(cuda_model::launch_rms_norm({.x = m.x.as<float>(), .weight = L.attn_norm.as<float>(), .out = m.h.get(),
                                          .n = n, .D = D, .eps = eps, .out_dtype = wd}, s), "rms_norm");
-    m.gemm(L.wqkv.get(), m.h.get(), m.qkv.as<float>(), n, D, Wq + 2 * Wkv, false);
-    cuda_ok(cuda_model::launch_split_qkv({.qkv = m.qkv.as<float>(), .bq = L.bq.as<float>(), .bk = L.bk.as<float>(),
-                                          .bv = L.bv.as<float>(), .q = m.q.as<float>(), .k = m.k.as<float>(),
-                                          .v = m.v.as<float>(), .n = n, .Wq = Wq, .Wkv = Wkv}, s), "split_qkv");
+    float *q = m.q.as<float>(), *k = m.k.as<float>(), *v = m.v.as<float>();
+    if (decode) {
+      m.gemv({.W = L.wqkv.get(), .x = m.h.get(), .bias = bqkv, .y = m.qkv.as<float>(), .rows = Wq + 2 * Wkv, .cols = D});
+      q = m.qkv.as<float>();
+      k = q + Wq;
+      v = k + Wkv;
+    } else {
+      m.gemm(L.wqkv.get(), m.h.get(), m.qkv.as<float>(), n, D, Wq + 2 * Wkv, false);
+      cuda_ok(cuda_model::launch_split_qkv({.qkv = m.qkv.as<float>(), .bq = bqkv, .bk = bqkv ? bqkv + Wq : nullptr,
+                                            .bv = bqkv ? bqkv + Wq + Wkv : nullptr, .q = q, .k = k, .v = v, .n = n,
+                                            .Wq = Wq, .Wkv = Wkv}, s), "split_qkv");
+    }
     // The backend queues on its own stream: q, k, v must be written before it reads them,
-    // and o must be complete before our stream reads it (and before the next layer's split
-    // overwrites q, k, v). Stream-ordered by events where the backend names its stream; the
-    // host goes on queueing (host code inside forward that reads back, e.g. a LagKV partition,
-    // waits on the backend's stream, which waits on ours).
+    // and o must be complete before our stream reads it (and before the next layer's
+    // projection overwrites q, k, v). Stream-ordered by events where the backend names its
+    // stream; the host goes on queueing (host code inside forward that reads back, e.g. a
+    // LagKV partition, waits on the backend's stream, which waits on ours).
     if (attention_stream != nullptr) {
       cuda_ok(cudaEventRecord(m.qkv_ready, s), "cudaEventRecord");
       cuda_ok(cudaStreamWaitEvent(attention_stream, m.qkv_ready, 0), "cudaStreamWaitEvent");
     } else {
       cuda_ok(cudaStreamSynchronize(s), "cudaStreamSynchronize");
     }
-    context.forward(layer, m.q.as<float>(), m.k.as<float>(), m.v.as<float>(), n, m.o.as<float>());
+    context.forward(layer, q, k, v, n, m.o.as<float>());
     if (attention_stream != nullptr) {
       cuda_ok(cudaEventRecord(m.attention_done, attention_stream), "cudaEventRecord");
       cuda_ok(cudaStreamWaitEvent(s, m.attention_done, 0), "cudaStreamWaitEvent");
     } else {
       context.backend().synchronize();
     }
-    const void* o_in = m.o.get();
-    if (wd != DType::kF32) {
-      cuda_ok(cuda_model::launch_cast({.in = m.o.as<float>(), .out = m.h.get(), .count = n * Wq, .out_dtype = wd}, s),
-              "cast");
-      o_in = m.h.get();
-    }
-    m.gemm(L.wo.get(), o_in, m.x.as<float>(), n, Wq, D, true);  // x += o · Wo^T
-    if (L.bo.get()) {
-      cuda_ok(cuda_model::launch_bias_add({.y = m.x.as<float>(), .bias = L.bo.as<float>(), .n = n, .width = D}, s),
-              "bias_add");
+    if (decode) {  // x += o · Wo^T (+ bo), o rounded to the weight dtype as it is read
+      m.gemv({.W = L.wo.get(), .x = m.o.get(), .bias = L.bo.as<float>(), .y = m.x.as<float>(), .rows = D, .cols = Wq,
+              .x_f32 = true, .accumulate = true});
+    } else {
+      const void* o_in = m.o.get();
+      if (wd != DType::kF32) {
+        cuda_ok(cuda_model::launch_cast({.in = m.o.as<float>(), .out = m.h.get(), .count = n * Wq, .out_dtype = wd}, s),
+                "cast");
+        o_in = m.h.get();
+      }
+      m.gemm(L.wo.get(), o_in, m.x.as<float>(), n, Wq, D, true);  // x += o · Wo^T
+      if (L.bo.get()) {
+        cuda_ok(cuda_model::launch_bias_add({.y = m.x.as<float>(), .bias = L.bo.as<float>(), .n = n, .width = D}, s),
+                "bias_add");
+      }
     }
     // SwiGLU MLP: x += down(silu(gate(h)) * up(h)).
     cuda_ok(cuda_model::launch_rms_norm({.x = m.x.as<float>(), .weight = L.mlp_norm.as<float>(), .out = m.h.get(),
                                          .n = n, .D = D, .eps = eps, .out_dtype = wd}, s), "rms_norm");
-    m.gemm(L.w_gate_up.get(), m.h.get(), m.gate_up.as<float>(), n, D, 2 * I, false);
-    cuda_ok(cuda_model::launch_swiglu({.gate_up = m.gate_up.as<float>(), .b_gate = L.b_gate.as<float>(),
-                                       .b_up = L.b_up.as<float>(), .out = m.h.get(), .n = n, .I = I, .out_dtype = wd}, s),
-            "swiglu");
-    m.gemm(L.w_down.get(), m.h.get(), m.x.as<float>(), n, I, D, true);
-    if (L.b_down.get()) {
-      cuda_ok(cuda_model::launch_bias_add({.y = m.x.as<float>(), .bias = L.b_down.as<float>(), .n = n, .width = D}, s),
-              "bias_add");
+    if (decode) {
+      // The activation silu(g) * u, [I] in the weight dtype, in gate_up's f32 scratch (unused
+      // here): m.h holds the GEMV's input.
+      void* const act = m.gate_up.get();
+      cuda_ok(cuda_model::launch_gated_gemv({.W = L.w_gate_up.get(), .x = m.h.get(), .b_gate = L.b_gate.as<float>(),
+                                             .b_up = L.b_up.as<float>(), .out = act, .I = I, .cols = D, .dtype = wd}, s),
+              "gated_gemv");
+      m.gemv({.W = L.w_down.get(), .x = act, .bias = L.b_down.as<float>(), .y = m.x.as<float>(), .rows = D, .cols = I,
+              .accumulate = true});
+    } else {
+      m.gemm(L.w_gate_up.get(), m.h.get(), m.gate_up.as<float>(), n, D, 2 * I, false);
+      cuda_ok(cuda_model::launch_swiglu({.gate_up = m.gate_up.as<float>(), .b_gate = L.b_gate.as<float>(),
+                                         .b_up = L.b_up.as<float>(), .out = m.h.get(), .n = n, .I = I, .out_dtype = wd}, s),
+              "swiglu");
+      m.gemm(L.w_down.get(), m.h.get(), m.x.as<float>(), n, I, D, true);
+      if (L.b_down.get()) {
+        cuda_ok(cuda_model::launch_bias_add({.y = m.x.as<float>(), .bias = L.b_down.as<float>(), .n = n, .width = D}, s),
+                "bias_add");
+      }
     }
   }
   context.commit_chunk(n);
@@ -331,11 +395,13 @@ void CudaModel::forward_chunk(ContextAttention& context, std::span<const int32_t
     m.logits = DeviceMemory(static_cast<size_t>(rows * V) * 4);
     m.logit_rows = rows;
   }
-  m.gemm(c.tie_word_embeddings ? m.embed.get() : m.lm_head.get(), m.h.get(), m.logits.as<float>(), rows, D, V, false,
-         /*gemv=*/false);
+  m.gemm(c.tie_word_embeddings ? m.embed.get() : m.lm_head.get(), m.h.get(), m.logits.as<float>(), rows, D, V, false);
   logits.resize(static_cast<size_t>(rows * V));
-  cuda_ok(cudaMemcpyAsync(logits.data(), m.logits.get(), logits.size() * 4, cudaMemcpyDeviceToHost, s), "logits");
+  const bool pinned = rows <= Impl::kPinnedRows;
+  cuda_ok(cudaMemcpyAsync(pinned ? m.logits_pinned.get() : logits.data(), m.logits.get(), logits.size() * 4,
+                          cudaMemcpyDeviceToHost, s), "logits");
   cuda_ok(cudaStreamSynchronize(s), "cudaStreamSynchronize");
+  if (pinned) std::copy_n(m.logits_pinned.as<float>(), logits.size(), logits.data());
 }
 
 void CudaModel::prefill(ContextAttention& context, std::span<const int32_t> tokens, int64_t chunk,

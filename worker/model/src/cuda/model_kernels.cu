@@ -1,5 +1,6 @@
 // Launchers of model_kernels.h: grid sizes and the launch; bodies in model_kernels.cuh.
 #include <algorithm>
+#include <cstdlib>
 
 #include "model_kernels.cuh"
 
@@ -16,21 +17,61 @@ unsigned blocks_for(int64_t elements) {
 
 }  // namespace
 
+namespace {
+bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
+
+// Programmatic dependent launch for the decode chain's kernels (RMSNorm and the GEMVs; see
+// wait_for_previous_kernel): on GPUs of compute capability 9.0 and up, unless the environment
+// sets UNS_CUDA_NO_PDL (plain stream order, for A/B timing and for ruling it out).
+bool overlap_launches() {
+  static const bool disabled = std::getenv("UNS_CUDA_NO_PDL") != nullptr;
+  int device = 0, major = 0;
+  if (disabled || cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess)
+    return false;
+  return major >= 9;
+}
+template <typename Params>
+cudaError_t launch_overlapped(void (*kernel)(Params), unsigned blocks, unsigned threads, cudaStream_t stream,
+                              const Params& p) {
+  cudaLaunchAttribute attribute{};
+  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(blocks);
+  config.blockDim = dim3(threads);
+  config.stream = stream;
+  config.attrs = &attribute;
+  config.numAttrs = overlap_launches() ? 1 : 0;
+  return cudaLaunchKernelEx(&config, kernel, p);
+}
+unsigned gemv_blocks(int64_t rows) {
+  return static_cast<unsigned>((rows + kGemvThreads / 32 - 1) / (kGemvThreads / 32));
+}
+}  // namespace
+
 bool gemv_supported(const GemvParams& p) {
-  const auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
-  return (p.dtype == DType::kBF16 || p.dtype == DType::kF16) && p.cols > 0 && p.cols % 8 == 0 && aligned(p.W) &&
-         aligned(p.x) && p.rows > 0 && p.rows <= INT32_MAX;
+  return (p.dtype == DType::kBF16 || p.dtype == DType::kF16) && p.cols > 0 && p.cols % 8 == 0 && aligned16(p.W) &&
+         aligned16(p.x) && p.rows > 0 && p.rows <= INT32_MAX;
+}
+
+bool gated_gemv_supported(const GatedGemvParams& p) {
+  return (p.dtype == DType::kBF16 || p.dtype == DType::kF16) && p.cols > 0 && p.cols % 8 == 0 && aligned16(p.W) &&
+         aligned16(p.x) && p.I > 0 && p.I <= INT32_MAX;
 }
 
 cudaError_t launch_gemv(const GemvParams& p, cudaStream_t stream) {
   if (!gemv_supported(p)) return cudaErrorInvalidValue;
-  const auto blocks = static_cast<unsigned>((p.rows + kGemvThreads / 32 - 1) / (kGemvThreads / 32));
-  if (p.dtype == DType::kBF16) {
-    gemv_kernel<__nv_bfloat16><<<blocks, kGemvThreads, 0, stream>>>(p);
-  } else {
-    gemv_kernel<__half><<<blocks, kGemvThreads, 0, stream>>>(p);
-  }
-  return cudaGetLastError();
+  const unsigned blocks = gemv_blocks(p.rows);
+  const auto kernel = p.dtype == DType::kBF16 ? (p.x_f32 ? gemv_kernel<__nv_bfloat16, true> : gemv_kernel<__nv_bfloat16, false>)
+                                              : (p.x_f32 ? gemv_kernel<__half, true> : gemv_kernel<__half, false>);
+  return launch_overlapped(kernel, blocks, kGemvThreads, stream, p);
+}
+
+cudaError_t launch_gated_gemv(const GatedGemvParams& p, cudaStream_t stream) {
+  if (!gated_gemv_supported(p)) return cudaErrorInvalidValue;
+  const auto kernel = p.dtype == DType::kBF16 ? gated_gemv_kernel<__nv_bfloat16> : gated_gemv_kernel<__half>;
+  return launch_overlapped(kernel, gemv_blocks(p.I), kGemvThreads, stream, p);
 }
 
 cudaError_t launch_gather(const GatherParams& p, cudaStream_t stream) {
@@ -41,8 +82,7 @@ cudaError_t launch_gather(const GatherParams& p, cudaStream_t stream) {
 
 cudaError_t launch_rms_norm(const RmsNormParams& p, cudaStream_t stream) {
   if (p.n == 0) return cudaSuccess;
-  rms_norm_kernel<<<static_cast<unsigned>(p.n), kRmsThreads, 0, stream>>>(p);
-  return cudaGetLastError();
+  return launch_overlapped(rms_norm_kernel, static_cast<unsigned>(p.n), kRmsThreads, stream, p);
 }
 
 cudaError_t launch_split_qkv(const SplitQkvParams& p, cudaStream_t stream) {

@@ -71,21 +71,42 @@ struct CastParams {
 };
 
 // Decode's matrix-vector product, one token: y[r] = sum_c W[r, c] * x[c] (+ y[r] when
-// accumulate), 16-bit W and x, float32 accumulate and y. One warp per row, 16-byte loads;
-// for the n = 1 GEMMs that cuBLAS runs at 51-81% of bandwidth (split-K where it accumulates).
-// gemv_supported says whether the shapes and pointers fit (else use the GEMM).
+// accumulate) (+ bias[r]), 16-bit W, float32 accumulate and y. x is 16-bit like W, or f32
+// (x_f32: the attention output), rounded to W's dtype as it is read, so the product equals a
+// cast kernel followed by the 16-bit GEMV bit for bit, without that kernel. One warp per row,
+// 16-byte loads; for the n = 1 GEMMs that cuBLAS runs at 51-81% of bandwidth (split-K where it
+// accumulates). gemv_supported says whether the shapes and pointers fit (else use the GEMM).
 struct GemvParams {
-  const void* W = nullptr;  // [rows, cols], dtype (BF16 or F16), rows 16-byte aligned
-  const void* x = nullptr;  // [cols], dtype
-  float* y = nullptr;       // [rows]
+  const void* W = nullptr;        // [rows, cols], dtype (BF16 or F16), rows 16-byte aligned
+  const void* x = nullptr;        // [cols], dtype, or F32 when x_f32
+  const float* bias = nullptr;    // [rows] or null: added after the sum (and the accumulate)
+  float* y = nullptr;             // [rows]
   int64_t rows = 0, cols = 0;
   DType dtype = DType::kBF16;
+  bool x_f32 = false;
   bool accumulate = false;
 };
 bool gemv_supported(const GemvParams& p);
 
+// Decode's gate/up projection with SwiGLU fused (one token): out[r] = silu(g + b_gate[r]) *
+// (u + b_up[r]) with g = W[r, :] . x and u = W[I + r, :] . x, stored in dtype; each warp reads
+// both rows against one load of x. The same float32 sums as the GEMV, so the result equals the
+// GEMV into f32 followed by the SwiGLU kernel bit for bit, without the [2I] f32 round trip and
+// that kernel.
+struct GatedGemvParams {
+  const void* W = nullptr;         // [2I, cols], dtype (BF16 or F16): the gate rows, then the up rows
+  const void* x = nullptr;         // [cols], dtype
+  const float* b_gate = nullptr;   // [I] or null
+  const float* b_up = nullptr;     // [I] or null
+  void* out = nullptr;             // [I], dtype
+  int64_t I = 0, cols = 0;
+  DType dtype = DType::kBF16;
+};
+bool gated_gemv_supported(const GatedGemvParams& p);
+
 cudaError_t launch_gather(const GatherParams& p, cudaStream_t stream);
 cudaError_t launch_gemv(const GemvParams& p, cudaStream_t stream);
+cudaError_t launch_gated_gemv(const GatedGemvParams& p, cudaStream_t stream);
 cudaError_t launch_rms_norm(const RmsNormParams& p, cudaStream_t stream);
 cudaError_t launch_split_qkv(const SplitQkvParams& p, cudaStream_t stream);
 cudaError_t launch_bias_add(const BiasAddParams& p, cudaStream_t stream);
