@@ -4,7 +4,8 @@
 #   1. model_cuda_test: the CUDA model against the CPU model (gtest)
 #   2. HF parity of the small checkpoints of every architecture, cpu and cuda backends
 #   3. performance: transformers on a Llama-3-8B-shaped bf16 random model (hf_bench.py, which
-#      also saves it), then bench_model on the same checkpoint with --backend cuda
+#      also saves it), then bench_model on the same checkpoint with --backend cuda, with and
+#      without programmatic dependent launch (UNS_CUDA_NO_PDL=1)
 #   4. HF parity of the Llama-3-8B-widths 2-layer checkpoint (cuda backend)
 #   5. where a decode token goes: a 4-layer model of the same widths, its decode timed, then
 #      one decode step kernel by kernel under ncu (bench/model/ncu_decode_profile.py)
@@ -33,6 +34,9 @@ if step 3; then
     --decode 32 --repeats 3 2>&1 | grep -v Warning | tee "$out/bench_transformers.txt" || status=1
   timeout 100 "$bin/bench_model" --model /tmp/llama3_8b_shape --backend cuda --prompt 512 2048 --chunk 512 \
     --decode 32 --repeats 3 2>&1 | tee "$out/bench_unshackle_cuda.txt" || status=1
+  # The same without programmatic dependent launch: its share of decode, in the same call.
+  UNS_CUDA_NO_PDL=1 timeout 100 "$bin/bench_model" --model /tmp/llama3_8b_shape --backend cuda --prompt 512 2048 \
+    --chunk 512 --decode 32 --repeats 3 2>&1 | tee "$out/bench_unshackle_cuda_nopdl.txt" || status=1
   rm -rf /tmp/llama3_8b_shape
 fi
 if step 4; then
