@@ -12,6 +12,23 @@
 
 namespace unshackle::cuda {
 
+// Programmatic dependent launch (sm_90+; launch.cuh's launch_kernel with Launch::kDependent): a
+// kernel so launched may start while the previous kernel of its stream still runs. It calls
+// wait_for_prerequisites() before it touches anything that kernel writes or reads (constant
+// data may be read before), and launch_dependents() to let the next kernel's blocks start.
+// No-ops below sm_90 or without the launch attribute (the stream orders the kernels as usual).
+__device__ __forceinline__ void launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wait_for_prerequisites() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+
 
 __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
 

@@ -17,6 +17,7 @@
 
 #include "cuda_check.h"
 #include "launchers.h"
+#include "launch.cuh"
 #include "topk.cuh"
 
 namespace unshackle::cuda {
@@ -64,29 +65,6 @@ void drop(Workspace& workspace) noexcept {
   workspace.bytes = 0;
 }
 
-enum class Launch { kPlain, kDependent, kCooperative };
-
-// kDependent: programmatic dependent launch (starts before its predecessor ends, waits on the
-// device); kCooperative: every block resident at once (select_kernel's grid barrier needs it).
-template <typename... Args, typename... Actual>
-void launch(Launch how, void (*kernel)(Args...), unsigned grid, unsigned block, cudaStream_t stream, Actual&&... args) {
-  cudaLaunchAttribute attribute{};
-  if (how == Launch::kDependent) {
-    attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attribute.val.programmaticStreamSerializationAllowed = 1;
-  } else {
-    attribute.id = cudaLaunchAttributeCooperative;
-    attribute.val.cooperative = 1;
-  }
-  cudaLaunchConfig_t config{};
-  config.gridDim = dim3(grid);
-  config.blockDim = dim3(block);
-  config.stream = stream;
-  config.attrs = how == Launch::kPlain ? nullptr : &attribute;
-  config.numAttrs = how == Launch::kPlain ? 0 : 1;
-  UNS_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, std::forward<Actual>(args)...));
-}
-
 // Returns the device address of the selected count.
 const uint32_t* radix_select(const TopKParams& p, Workspace& workspace, cudaStream_t stream) {
   using namespace topk;
@@ -112,14 +90,14 @@ const uint32_t* radix_select(const TopKParams& p, Workspace& workspace, cudaStre
   const unsigned select_blocks = static_cast<unsigned>(
       std::max<int64_t>(blocks(p.n, kSelectThreads * kSelectItems, device.select_blocks),
                         std::min<int64_t>(rank_share, device.select_blocks)));
-  launch(Launch::kCooperative, select_kernel, select_blocks, kSelectThreads, stream, p, state, lists,
-         static_cast<uint32_t>(wanted), !split);
+  UNS_CUDA_CHECK(launch_kernel(Launch::kCooperative, select_kernel, select_blocks, kSelectThreads, stream, p, state,
+                               lists, static_cast<uint32_t>(wanted), !split));
   if (!split) return &state->result;
   // One block per kRankKeys selected keys, or more for long padding (k > n).
   const unsigned rank_blocks = std::max(blocks(wanted, kRankKeys, int64_t{1} << 20),
                                         blocks(p.k, kRankThreads * 4, 4 * int64_t{device.sms}));
-  launch(device.dependent_launch ? Launch::kDependent : Launch::kPlain, rank_kernel, rank_blocks, kRankThreads, stream, p,
-         static_cast<const State*>(state), lists);
+  UNS_CUDA_CHECK(launch_kernel(device.dependent_launch ? Launch::kDependent : Launch::kPlain, rank_kernel, rank_blocks,
+                               kRankThreads, stream, p, static_cast<const State*>(state), lists));
   return &state->result;
 }
 

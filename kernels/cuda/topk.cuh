@@ -72,20 +72,6 @@ struct Lists {
   float* candidate_values;
 };
 
-// Programmatic dependent launch (sm_90): let the next kernel's blocks start, and wait for the
-// previous kernel's completion (and its memory). No-ops below sm_90 or without the launch
-// attribute (then the stream orders the kernels as usual).
-__device__ __forceinline__ void launch_dependents() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void wait_for_prerequisites() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-
 __device__ __forceinline__ uint32_t ordered_bits(float value) {
   const uint32_t bits = __float_as_uint(value);
   if (value != value) return 0;               // NaN: below every number

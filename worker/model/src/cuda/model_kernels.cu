@@ -2,6 +2,7 @@
 #include <algorithm>
 #include <cstdlib>
 
+#include "launch.cuh"  // kernels/cuda
 #include "model_kernels.cuh"
 
 namespace unshackle::cuda_model {
@@ -15,13 +16,10 @@ unsigned blocks_for(int64_t elements) {
   return static_cast<unsigned>(std::clamp<int64_t>(blocks, 1, 65535));
 }
 
-}  // namespace
-
-namespace {
 bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 
 // Programmatic dependent launch for the decode chain's kernels (RMSNorm and the GEMVs; see
-// wait_for_previous_kernel): on GPUs of compute capability 9.0 and up, unless the environment
+// model_kernels.cuh): on GPUs of compute capability 9.0 and up, unless the environment
 // sets UNS_CUDA_NO_PDL (plain stream order, for A/B timing and for ruling it out).
 bool overlap_launches() {
   static const bool disabled = std::getenv("UNS_CUDA_NO_PDL") != nullptr;
@@ -31,20 +29,14 @@ bool overlap_launches() {
     return false;
   return major >= 9;
 }
+
 template <typename Params>
 cudaError_t launch_overlapped(void (*kernel)(Params), unsigned blocks, unsigned threads, cudaStream_t stream,
                               const Params& p) {
-  cudaLaunchAttribute attribute{};
-  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attribute.val.programmaticStreamSerializationAllowed = 1;
-  cudaLaunchConfig_t config{};
-  config.gridDim = dim3(blocks);
-  config.blockDim = dim3(threads);
-  config.stream = stream;
-  config.attrs = &attribute;
-  config.numAttrs = overlap_launches() ? 1 : 0;
-  return cudaLaunchKernelEx(&config, kernel, p);
+  return cuda::launch_kernel(overlap_launches() ? cuda::Launch::kDependent : cuda::Launch::kPlain, kernel, blocks,
+                             threads, stream, p);
 }
+
 unsigned gemv_blocks(int64_t rows) {
   return static_cast<unsigned>((rows + kGemvThreads / 32 - 1) / (kGemvThreads / 32));
 }

@@ -14,24 +14,14 @@ namespace unshackle::cuda_model {
 using cuda::load_as_float;
 using cuda::store_from_float;
 
-// Programmatic dependent launch (sm_90+; launch_overlapped in model_kernels.cu): a kernel
-// launched with it may start while the previous kernel of the stream still runs. It must call
-// wait_for_previous_kernel() before it touches anything that kernel writes or reads (only
-// constant weights may be read before), and calls allow_next_kernel() after, so the next
-// kernel's blocks fill the SMs that this one's last wave leaves idle, its first weight loads
-// in flight. Every block calls both, even one without work (else a grid whose blocks all left
-// early would let the next kernel start before the previous one ended). No-ops below sm_90
-// and for a kernel launched without the attribute.
-__device__ __forceinline__ void wait_for_previous_kernel() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void allow_next_kernel() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
+// The decode chain (RMSNorm, the GEMVs) is launched with programmatic dependent launch
+// (common.cuh; launch_overlapped in model_kernels.cu): each kernel requests only its constant
+// weights before wait_for_prerequisites(), then calls launch_dependents(), so the next kernel's
+// blocks fill the SMs this one's last wave leaves idle with their first weight loads in
+// flight. Every block calls both, even one without work (else a grid whose blocks all left
+// early would let the next kernel start before the previous one ended).
+using cuda::launch_dependents;
+using cuda::wait_for_prerequisites;
 
 __device__ __forceinline__ int64_t grid_index() {
   return static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -67,8 +57,8 @@ __global__ void __launch_bounds__(kRmsThreads) rms_norm_kernel(RmsNormParams p) 
       w0[0] = p.weight[first];
     }
   }
-  wait_for_previous_kernel();
-  allow_next_kernel();
+  wait_for_prerequisites();
+  launch_dependents();
   if (first < p.D) {
     if (vec) {
       const float4 xv = *reinterpret_cast<const float4*>(x + first);
@@ -145,7 +135,7 @@ __device__ __forceinline__ float dot8(const uint4& w, const float (&x)[8]) {
 }
 
 // The warp's dot products of R rows (16-byte vectors w[r][0 .. vecs)) with x; every lane ends
-// with the full sums. The first step's weights are requested before wait_for_previous_kernel
+// with the full sums. The first step's weights are requested before wait_for_prerequisites
 // (x is the previous kernel's output; the weights are constant), then each step's next.
 template <typename T, bool kXF32, int R, int U>
 __device__ __forceinline__ void warp_row_dots(const uint4* const (&w)[R], const void* x, int64_t vecs, int lane,
@@ -163,8 +153,8 @@ __device__ __forceinline__ void warp_row_dots(const uint4* const (&w)[R], const 
   };
   bool full_step = v + 32 * (U - 1) < vecs;
   if (full_step) load_weights(v);
-  wait_for_previous_kernel();
-  allow_next_kernel();
+  wait_for_prerequisites();
+  launch_dependents();
   while (full_step) {
     float xv[U][8];
 #pragma unroll
@@ -194,8 +184,8 @@ template <typename T, bool kXF32>
 __global__ void __launch_bounds__(kGemvThreads) gemv_kernel(GemvParams p) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * (kGemvThreads / 32) + threadIdx.x / 32;
   if (row >= p.rows) {  // a warp past the last row (the block's other warps have rows)
-    wait_for_previous_kernel();
-    allow_next_kernel();
+    wait_for_prerequisites();
+    launch_dependents();
     return;
   }
   const int lane = static_cast<int>(threadIdx.x % 32);
@@ -213,8 +203,8 @@ template <typename T>
 __global__ void __launch_bounds__(kGemvThreads) gated_gemv_kernel(GatedGemvParams p) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * (kGemvThreads / 32) + threadIdx.x / 32;
   if (row >= p.I) {
-    wait_for_previous_kernel();
-    allow_next_kernel();
+    wait_for_prerequisites();
+    launch_dependents();
     return;
   }
   const int lane = static_cast<int>(threadIdx.x % 32);
